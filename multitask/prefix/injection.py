@@ -1,0 +1,64 @@
+"""Inject prefix keys/values through transformers' attention interface (the robust route on transformers 5.x).
+
+The encoder is loaded with ``attn_implementation`` set to one of the names registered here. Its self-attention
+modules then call :func:`_prefix_attention`, which reads the ``prefix_kv`` keyword that :class:`~multitask.model`
+passes to the encoder's forward (transformers forwards extra keywords down to the attention function). The
+prefix is concatenated in front of the layer's keys/values and the mask is widened by ``P`` positions. The
+encoder's own position ids are untouched, so a full-length input still fits, and nothing is cached between
+calls, so gradient checkpointing keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.models.bert.modeling_bert import eager_attention_forward
+
+from multitask.prefix.bank import PrefixKV
+
+PREFIX_ATTENTION = {"sdpa": "multitask_prefix_sdpa", "eager": "multitask_prefix_eager"}
+
+
+def _widen_mask(mask: torch.Tensor | None, prefix: PrefixKV, query: torch.Tensor) -> torch.Tensor | None:
+    """Allow each query to see its example's visible prefix positions in front of the original keys."""
+    if mask is None and prefix.fully_visible:
+        return None
+    batch, q_len, key_len = query.shape[0], query.shape[2], None
+    visible = prefix.mask[:, None, None, :]  # (B, 1, 1, P)
+    if mask is None:
+        key_len = q_len
+        mask = torch.ones(batch, 1, q_len, key_len, dtype=torch.bool, device=query.device)
+    if mask.dtype == torch.bool:
+        visible = visible.expand(batch, 1, mask.shape[2], -1)
+        return torch.cat([visible, mask.expand(batch, -1, -1, -1)], dim=-1)
+    blocked = torch.finfo(mask.dtype).min
+    additive = torch.zeros_like(visible, dtype=mask.dtype).masked_fill(~visible, blocked)
+    additive = additive.expand(batch, 1, mask.shape[2], -1)
+    return torch.cat([additive, mask.expand(batch, -1, -1, -1)], dim=-1)
+
+
+def _with_prefix(base: Callable) -> Callable:
+    def attention(module, query, key, value, attention_mask, prefix_kv: PrefixKV | None = None, **kwargs):
+        if prefix_kv is not None:
+            prefix_key, prefix_value = prefix_kv.layer(module.layer_idx)
+            key = torch.cat([prefix_key.to(key.dtype), key], dim=2)
+            value = torch.cat([prefix_value.to(value.dtype), value], dim=2)
+            attention_mask = _widen_mask(attention_mask, prefix_kv, query)
+        return base(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def register_prefix_attention() -> None:
+    """Idempotently register the prefix-aware attention functions and their mask builders."""
+    AttentionInterface.register(PREFIX_ATTENTION["sdpa"], _with_prefix(sdpa_attention_forward))
+    AttentionInterface.register(PREFIX_ATTENTION["eager"], _with_prefix(eager_attention_forward))
+    AttentionMaskInterface.register(PREFIX_ATTENTION["sdpa"], sdpa_mask)
+    AttentionMaskInterface.register(PREFIX_ATTENTION["eager"], eager_mask)
+
+
+register_prefix_attention()

@@ -1,0 +1,222 @@
+"""The core P-Tuning v2 model: prefix injection, prefix modes, freezing and mixed-task batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DebertaV2Config, GPT2Config
+
+from multitask.backbone import encoder_from_config
+from multitask.errors import ConfigError, UnsupportedModelError
+from multitask.heads import HEADS, HeadConfig
+from multitask.model import ModelInputs, MultiTaskModel
+from multitask.prefix.bank import PrefixKV, TaskPrefixRequest, plan_layout
+from multitask.prefix.config import PrefixBankConfig, PrefixConfig
+from tests.tiny import tiny_encoder
+
+KINDS = ["bert", "roberta"]
+MODES = ["shared", "per_task", "hybrid", "groups"]
+NUM_LAYERS, NUM_HEADS, HEAD_DIM = 2, 4, 8
+
+
+def build_model(kind="bert", mode="per_task", attention="sdpa", lengths=(4, 4, 4), reparameterize=True, dropout=0.0):
+    encoder = tiny_encoder(kind, attention)
+    requests = [
+        TaskPrefixRequest("cls", group="g1", length=lengths[0]),
+        TaskPrefixRequest("ner", group="g1" if mode != "groups" else "g2", length=lengths[1]),
+        TaskPrefixRequest("qa", group="g1", length=lengths[2]),
+    ]
+    group_lengths = {}
+    if mode == "groups":  # lengths come per group; tasks in one group must agree
+        requests = [TaskPrefixRequest(r.task, r.group) for r in requests]
+        group_lengths = {"g1": lengths[0], "g2": lengths[1]}
+    config = PrefixBankConfig(
+        mode=mode, prefix=PrefixConfig(length=4, dropout=dropout, reparameterize=reparameterize, mlp_hidden_size=16),
+        shared_length=3, group_lengths=group_lengths,
+    )
+    torch.manual_seed(1)
+    heads = {
+        "cls": HEADS.get("sequence")(HeadConfig(dropout=0.0), 32, 3),
+        "ner": HEADS.get("token")(HeadConfig(dropout=0.0), 32, 5),
+        "qa": HEADS.get("span")(HeadConfig(dropout=0.0), 32),
+    }
+    model = MultiTaskModel(encoder, heads, plan_layout(config, requests))
+    # Random (non-tiny) prefixes so that any mixing error shows in the outputs.
+    with torch.no_grad():
+        for encoder_module in model.prefix_bank.encoders.values():
+            encoder_module.embedding.normal_(0, 1.0)
+    return model.eval()
+
+
+def batch(task_ids, length=9, seed=0, pad_rows=(1,)):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 60, (len(task_ids), length), generator=generator)
+    mask = torch.ones_like(ids)
+    for row in pad_rows:
+        if row < len(task_ids):
+            mask[row, length - 3:] = 0
+    return ModelInputs(ids, mask, torch.tensor(task_ids))
+
+
+def plain_hidden(encoder, inputs: ModelInputs, prefix_kv=None):
+    return encoder(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, prefix_kv=prefix_kv).last_hidden_state
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fully_masked_prefix_matches_plain_encoder(kind):
+    encoder = tiny_encoder(kind)
+    inputs = batch([0, 0, 0])
+    expected = plain_hidden(encoder, inputs)
+    shape = (3, NUM_LAYERS, NUM_HEADS, 5, HEAD_DIM)
+    masked = PrefixKV(torch.randn(shape) * 5, torch.randn(shape) * 5, torch.zeros(3, 5, dtype=torch.bool))
+    torch.testing.assert_close(plain_hidden(encoder, inputs, masked), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_length_prefix_matches_plain_encoder(kind):
+    model = build_model(kind, "per_task", lengths=(0, 0, 0))
+    inputs = batch([0, 1, 2])
+    torch.testing.assert_close(model.encode(inputs).hidden_states, plain_hidden(model.encoder, inputs))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["shared", "per_task", "hybrid"])
+def test_training_changes_only_prefix_and_heads(kind, mode):
+    model = build_model(kind, mode, dropout=0.1).train()
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    heads_before = {k: v.clone() for k, v in model.heads.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    for step in range(3):
+        optimizer.zero_grad()
+        outputs = model(batch([0, 1, 2, 0, 1, 2], seed=step))
+        loss = sum(logits.float().pow(2).mean() for logits, _ in outputs.values())
+        loss.backward()
+        for name, parameter in model.named_parameters():
+            is_trainable = name.startswith(("prefix_bank.", "heads."))
+            assert (parameter.grad is not None) == is_trainable, name
+            assert parameter.requires_grad == is_trainable, name
+        optimizer.step()
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(value, encoder_before[key]), f"encoder weight {key} changed"
+    for key, value in model.heads.state_dict().items():
+        assert not torch.equal(value, heads_before[key]), f"head weight {key} never changed"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefix_reaches_every_layer(kind):
+    encoder = tiny_encoder(kind)
+    inputs = batch([0, 0])
+    shape = (2, NUM_LAYERS, NUM_HEADS, 3, HEAD_DIM)
+    keys, values = torch.randn(shape), torch.randn(shape)
+    base = plain_hidden(encoder, inputs, PrefixKV(keys, values, torch.ones(2, 3, dtype=torch.bool)))
+    for layer in range(NUM_LAYERS):
+        for tensor in ("keys", "values"):
+            perturbed = {"keys": keys.clone(), "values": values.clone()}
+            perturbed[tensor][:, layer] += 1.0
+            out = plain_hidden(encoder, inputs, PrefixKV(**perturbed, mask=torch.ones(2, 3, dtype=torch.bool)))
+            assert (out - base).abs().max() > 1e-4, f"layer {layer} {tensor} had no effect"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("lengths", [(4, 4, 4), (2, 5, 0)])
+def test_mixed_task_batch_matches_separate_batches(kind, mode, lengths):
+    model = build_model(kind, mode, lengths=lengths)
+    mixed = batch([0, 1, 2, 1, 0, 2])
+    with torch.no_grad():
+        mixed_out = model(mixed)
+        for task, (logits, rows) in mixed_out.items():
+            alone_logits, _ = model(mixed.rows(rows))[task]
+            torch.testing.assert_close(logits, alone_logits, atol=1e-5, rtol=0)
+
+
+def test_modes_share_prefixes_as_declared():
+    share = lambda mode: build_model("bert", mode).prefix_bank.layout.task_prefixes  # noqa: E731
+    assert share("shared") == {"cls": ("shared",), "ner": ("shared",), "qa": ("shared",)}
+    assert share("per_task") == {"cls": ("task_cls",), "ner": ("task_ner",), "qa": ("task_qa",)}
+    assert share("hybrid")["ner"] == ("shared", "task_ner")
+    assert share("groups") == {"cls": ("group_g1",), "ner": ("group_g2",), "qa": ("group_g1",)}
+    bank = build_model("bert", "hybrid", lengths=(2, 5, 1)).prefix_bank
+    assert [bank.prefix_length(t) for t in ("cls", "ner", "qa")] == [5, 8, 4]
+
+
+def test_group_members_asking_different_lengths_is_an_error():
+    config = PrefixBankConfig(mode="groups")
+    requests = [TaskPrefixRequest("a", group="g", length=2), TaskPrefixRequest("b", group="g", length=3)]
+    with pytest.raises(ConfigError, match="group 'g': tasks ask for different prefix lengths"):
+        plan_layout(config, requests)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eager_and_sdpa_agree(kind):
+    inputs = batch([0, 1, 2, 0])
+    with torch.no_grad():
+        sdpa = build_model(kind, "hybrid", attention="sdpa", lengths=(2, 5, 3)).encode(inputs).hidden_states
+        eager = build_model(kind, "hybrid", attention="eager", lengths=(2, 5, 3)).encode(inputs).hidden_states
+    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_checkpointing_keeps_prefix_gradients(kind):
+    inputs = batch([0, 1, 2])
+
+    def prefix_grads(checkpointing: bool):
+        model = build_model(kind, "per_task").train()
+        if checkpointing:
+            model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        outputs = model(inputs)
+        sum(logits.pow(2).mean() for logits, _ in outputs.values()).backward()
+        return {n: p.grad.clone() for n, p in model.prefix_bank.named_parameters()}
+
+    with_checkpointing, without = prefix_grads(True), prefix_grads(False)
+    for name, grad in without.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(with_checkpointing[name], grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_folding_reparameterisation_keeps_outputs(kind):
+    model = build_model(kind, "hybrid")
+    inputs = batch([0, 1, 2])
+    with torch.no_grad():
+        before = model.encode(inputs).hidden_states
+        model.prefix_bank.fold()
+        after = model.encode(inputs).hidden_states
+    assert all(encoder.mlp is None for encoder in model.prefix_bank.encoders.values())
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+
+
+def test_full_length_input_fits_with_prefix():
+    encoder = tiny_encoder("bert", max_positions=16)
+    inputs = ModelInputs(torch.randint(5, 60, (2, 16)), torch.ones(2, 16, dtype=torch.long), torch.tensor([0, 0]))
+    shape = (2, NUM_LAYERS, NUM_HEADS, 8, HEAD_DIM)
+    out = plain_hidden(encoder, inputs, PrefixKV(torch.randn(shape), torch.randn(shape), torch.ones(2, 8, dtype=torch.bool)))
+    assert out.shape == (2, 16, 32)
+
+
+@pytest.mark.parametrize("kind", ["xlm-roberta", "electra"])
+def test_other_supported_architectures_take_prefixes(kind):
+    encoder = tiny_encoder(kind)
+    inputs = batch([0, 0])
+    shape = (2, NUM_LAYERS, NUM_HEADS, 3, HEAD_DIM)
+    with_prefix = plain_hidden(encoder, inputs, PrefixKV(torch.randn(shape), torch.randn(shape), torch.ones(2, 3, dtype=torch.bool)))
+    assert (with_prefix - plain_hidden(encoder, inputs)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "config",
+    [DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=50),
+     GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50)],
+)
+def test_unsupported_architecture_is_refused(config):
+    with pytest.raises(UnsupportedModelError, match="supported model types: bert, roberta, xlm-roberta, electra"):
+        encoder_from_config(config)
+
+
+def test_parameter_summary_counts_trainable_parts():
+    model = build_model("bert", "per_task")
+    summary = model.parameter_summary()
+    assert summary.encoder == sum(p.numel() for p in model.encoder.parameters())
+    assert summary.encoder_trainable == 0
+    assert summary.trainable == sum(p.numel() for p in model.trainable_parameters())
+    assert "% of encoder" in summary.render()
