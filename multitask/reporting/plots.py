@@ -1,0 +1,192 @@
+"""Report charts as PNG bytes, drawn headless.
+
+Figures are built with ``matplotlib.figure.Figure`` rather than pyplot: such figures are never
+registered in pyplot's global figure list, so they are freed with their last reference (no
+leaked figures across a long training run, no "More than 20 figures" warning) and no GUI
+backend is ever selected, whatever ``MPLBACKEND`` says. Each function returns None when there
+is nothing worth drawing, so callers can simply leave the chart out.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Sequence
+
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from multitask.reporting.model import RunReport, TaskReport
+
+DPI = 100
+# Above this many labels a confusion matrix has cells under ~4 px at a readable page width,
+# so it is skipped; TREC-fine (50 labels) still fits.
+MAX_CONFUSION_LABELS = 60
+# Confusion cells get their counts printed only while the digits fit inside them.
+MAX_ANNOTATED_LABELS = 15
+MAX_TICK_CHARS = 18
+SPLIT_STYLES = ("-", "--", ":", "-.")
+
+
+def loss_plot(report: RunReport) -> bytes | None:
+    """Training loss per task over steps, lightly smoothed, one colour per task."""
+    tasks = [t for t in report.tasks.values() if t.loss_history]
+    if not tasks:
+        return None
+    colors = task_colors(report)
+    fig, ax = _figure(9, 4.5)
+    for task in tasks:
+        steps, losses = zip(*sorted(task.loss_history))
+        smoothed = smooth(losses)
+        if smoothed != list(losses):
+            ax.plot(steps, losses, color=colors[task.name], alpha=0.2, linewidth=0.8)
+        ax.plot(steps, smoothed, color=colors[task.name], linewidth=1.6, label=task.name)
+    all_losses = [loss for t in tasks for _, loss in t.loss_history]
+    if min(all_losses) > 0 and max(all_losses) / min(all_losses) > 20:
+        ax.set_yscale("log")
+    _finish(ax, "Training loss", "step", "loss (smoothed)")
+    return _png(fig)
+
+
+def metric_plot(report: RunReport) -> bytes | None:
+    """Each task's main metric over steps: colour per task, line style per split."""
+    tasks = [t for t in report.tasks.values() if t.metric_history]
+    if not tasks:
+        return None
+    colors = task_colors(report)
+    styles = {s: SPLIT_STYLES[i % len(SPLIT_STYLES)] for i, s in enumerate(_history_splits(tasks))}
+    fig, ax = _figure(9, 4.5)
+    for task in tasks:
+        for split, style in styles.items():
+            points = sorted((step, value) for step, s, value in task.metric_history if s == split)
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, [100 * v for v in values], color=colors[task.name], linestyle=style,
+                        marker="o" if len(points) <= 30 else None, markersize=3,
+                        label=f"{task.name} ({split}, {task.main_metric})")
+    best = report.meta.get("best_step")
+    if isinstance(best, (int, float)):
+        ax.axvline(best, color="0.5", linestyle=":", linewidth=1, label=f"best step ({best})")
+    _finish(ax, "Main metric over training", "step", "score (%)")
+    return _png(fig)
+
+
+def confusion_plot(task: TaskReport, split: str) -> bytes | None:
+    """Confusion-matrix heatmap for one split, coloured by row share and annotated with counts.
+
+    Colouring by the share of each true label keeps rare classes visible next to frequent ones.
+    None when the split has no matrix or more than ``MAX_CONFUSION_LABELS`` labels.
+    """
+    labels, matrix = confusion_data(task, split)
+    n = len(labels)
+    if not n or n > MAX_CONFUSION_LABELS:
+        return None
+    shares = [[c / (sum(row) or 1) for c in row] for row in matrix]
+    cell = 0.5 if n <= MAX_ANNOTATED_LABELS else 0.22
+    side = max(4.0, 1.5 + cell * n)
+    fig, ax = _figure(side + 1.2, side)
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true label")
+    ticks = [_short(label) for label in labels]
+    font = 9 if n <= MAX_ANNOTATED_LABELS else 7
+    ax.set_xticks(range(n), ticks, rotation=45 if n <= 6 else 90, ha="right" if n <= 6 else "center",
+                  fontsize=font)
+    ax.set_yticks(range(n), ticks, fontsize=font)
+    if n <= MAX_ANNOTATED_LABELS:
+        _annotate_counts(ax, matrix, shares)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{task.name}: confusion matrix ({split})")
+    return _png(fig)
+
+
+def entity_f1_plot(task: TaskReport, split: str) -> bytes | None:
+    """Horizontal bars of F1 per entity type (best on top), with support in the tick labels."""
+    per_type = task.splits[split].details.get("per_type") if split in task.splits else None
+    if not isinstance(per_type, dict) or not per_type:
+        return None
+    rows = sorted(per_type.items(), key=lambda item: item[1].get("f1", 0.0))
+    fig, ax = _figure(7, 1.2 + 0.35 * len(rows))
+    f1s = [100 * stats.get("f1", 0.0) for _, stats in rows]
+    ax.barh(range(len(rows)), f1s, color=colormaps["tab10"](0))
+    ticks = [f"{_short(name)} (n={stats.get('support', '?')})" for name, stats in rows]
+    ax.set_yticks(range(len(rows)), ticks)
+    for y, value in enumerate(f1s):
+        inside = value > 85  # no room right of a long bar: print the value inside it instead
+        ax.text(value - 1 if inside else value + 1, y, f"{value:.2f}", va="center", fontsize=8,
+                ha="right" if inside else "left", color="white" if inside else "black")
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("F1 (%)")
+    ax.set_title(f"{task.name}: F1 per entity type ({split})")
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def confusion_data(task: TaskReport, split: str) -> tuple[list[str], list[list[int]]]:
+    """(labels, matrix) of a split, or empty lists when absent or not square in the labels."""
+    result = task.splits.get(split)
+    confusion = result.details.get("confusion_matrix") if result else None
+    if not isinstance(confusion, dict):
+        return [], []
+    labels = [str(label) for label in confusion.get("labels", [])]
+    matrix = confusion.get("matrix", [])
+    if len(matrix) != len(labels) or any(len(row) != len(labels) for row in matrix):
+        return [], []
+    return labels, matrix
+
+
+def task_colors(report: RunReport) -> dict[str, Any]:
+    """One fixed colour per task, so a task looks the same in the loss and the metric chart."""
+    palette = colormaps["tab10" if len(report.tasks) <= 10 else "tab20"]
+    return {name: palette(i % palette.N) for i, name in enumerate(report.tasks)}
+
+
+def smooth(values: Sequence[float]) -> list[float]:
+    """Exponential moving average spanning ~4% of the series; short series are left untouched.
+
+    Per-step losses are noisy enough to hide the trend, but heavy smoothing would hide spikes.
+    """
+    span = len(values) / 25
+    if span <= 1:
+        return list(values)
+    alpha = 2 / (span + 1)
+    out, current = [], values[0]
+    for value in values:
+        current = alpha * value + (1 - alpha) * current
+        out.append(current)
+    return out
+
+
+def _history_splits(tasks: list[TaskReport]) -> list[str]:
+    return list(dict.fromkeys(split for task in tasks for _, split, _ in task.metric_history))
+
+
+def _annotate_counts(ax: Axes, matrix: list[list[int]], shares: list[list[float]]) -> None:
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                    color="white" if shares[i][j] > 0.5 else "black")
+
+
+def _short(label: str) -> str:
+    return label if len(label) <= MAX_TICK_CHARS else label[: MAX_TICK_CHARS - 1] + "…"
+
+
+def _figure(width: float, height: float) -> tuple[Figure, Axes]:
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    return fig, fig.add_subplot()
+
+
+def _finish(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
+    """Shared styling for line charts; the legend sits outside so it never hides a curve."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()

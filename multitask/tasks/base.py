@@ -1,0 +1,155 @@
+"""The contract every task type fulfils: records -> examples -> features -> batches -> predictions -> metrics.
+
+A task type is one module that subclasses :class:`TaskType` and registers it in ``TASK_TYPES``; the trainer,
+evaluator, predictor and reports only ever talk to this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from multitask.data.records import Record
+from multitask.errors import ConfigError, DataError
+from multitask.metrics import MetricResult
+from multitask.registry import Registry
+from multitask.tasks.config import TaskConfig
+
+TASK_TYPES: Registry[type["TaskType"]] = Registry("task type")
+
+
+@dataclass
+class Feature:
+    """One model input: token ids of one window of one example (an example may give several features)."""
+
+    input_ids: list[int]
+    example_index: int
+    token_type_ids: list[int] | None = None
+    target: Any = None  # the type's training target; None when the example is unlabelled
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor | None
+    targets: torch.Tensor | None
+    feature_indices: list[int] = field(default_factory=list)
+
+
+def pad_features(features: Sequence[Feature], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Pad to the longest feature of the batch only (dynamic padding)."""
+    longest = max(len(f) for f in features)
+    ids = torch.full((len(features), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(features), longest), dtype=torch.long)
+    types = None if features[0].token_type_ids is None else torch.zeros((len(features), longest), dtype=torch.long)
+    for row, feature in enumerate(features):
+        ids[row, : len(feature)] = torch.tensor(feature.input_ids)
+        mask[row, : len(feature)] = 1
+        if types is not None:
+            types[row, : len(feature)] = torch.tensor(feature.token_type_ids)
+    return ids, mask, types
+
+
+class TaskType(ABC):
+    """Base of every task type. Subclasses set the class attributes and implement the abstract stages."""
+
+    name: ClassVar[str]
+    head_kind: ClassVar[str]
+    required_fields: ClassVar[tuple[str, ...]]
+    optional_fields: ClassVar[tuple[str, ...]] = ()
+    metric_names: ClassVar[tuple[str, ...]]
+    default_main_metric: ClassVar[str]
+    options_type: ClassVar[type | None] = None
+    has_labels: ClassVar[bool] = True
+
+    def __init__(self, config: TaskConfig, options: Any = None) -> None:
+        self.config = config
+        self.options = options
+        self.labels: list[str] = list(config.labels or [])
+
+    # ---- records -> examples
+    def field_value(self, record: Record, name: str, required: bool = True) -> Any:
+        """Read the record's value for one of the type's fields, through the YAML's field mapping."""
+        key = str(self.config.fields.get(name, name))
+        if key not in record.fields:
+            if required:
+                known = ", ".join(sorted(map(str, record.fields)))
+                raise DataError(f"{record.source}: task {self.config.name!r} needs field {key!r} "
+                                f"(for '{name}'); the record has: {known}")
+            return None
+        return record.fields[key]
+
+    @abstractmethod
+    def example_from_record(self, record: Record, index: int) -> Any: ...
+
+    def examples(self, records: list[Record]) -> list[Any]:
+        return [self.example_from_record(record, index) for index, record in enumerate(records)]
+
+    @abstractmethod
+    def example_from_raw(self, raw: dict[str, Any], index: int) -> Any:
+        """Build an unlabelled example from a prediction input (raw text in JSONL)."""
+
+    # ---- labels
+    def example_labels(self, example: Any) -> list[str]:
+        """Labels an example carries, for inferring the label set; types without labels return []."""
+        return []
+
+    def fit_labels(self, train_examples: list[Any]) -> None:
+        """Infer the label set from train (sorted, so it is stable) unless the YAML lists it."""
+        if not self.has_labels or self.labels:
+            return
+        self.labels = sorted({label for example in train_examples for label in self.example_labels(example)})
+        if not self.labels:
+            raise ConfigError(f"task {self.config.name!r}: no labels found in train; list them under 'labels'")
+
+    def check_labels(self, examples: list[Any], split: str) -> None:
+        known = set(self.labels)
+        for example in examples:
+            unknown = [label for label in self.example_labels(example) if label not in known]
+            if unknown:
+                raise DataError(f"task {self.config.name!r} split {split!r}: label {unknown[0]!r} is not in the "
+                                f"label set {self.labels}")
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.labels)
+
+    # ---- examples -> features -> batches
+    @abstractmethod
+    def featurize(self, examples: list[Any], tokenizer, training: bool) -> list[Feature]: ...
+
+    def collate(self, features: Sequence[Feature], pad_id: int) -> Batch:
+        ids, mask, types = pad_features(features, pad_id)
+        return Batch(ids, mask, types, self.collate_targets(features, ids.shape[1]))
+
+    @abstractmethod
+    def collate_targets(self, features: Sequence[Feature], length: int) -> torch.Tensor | None: ...
+
+    @abstractmethod
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    # ---- logits -> predictions -> metrics
+    @abstractmethod
+    def decode(self, examples: list[Any], features: list[Feature], logits: list[np.ndarray]) -> list[Any]:
+        """One prediction per example from the logits of its features (each trimmed to the feature's length)."""
+
+    @abstractmethod
+    def score(self, examples: list[Any], predictions: list[Any]) -> MetricResult: ...
+
+    @abstractmethod
+    def prediction_record(self, example: Any, prediction: Any) -> dict[str, Any]:
+        """A JSON-able row for predictions.jsonl."""
+
+    def main_metric(self) -> str:
+        main = self.config.main_metric or self.default_main_metric
+        if main not in self.metric_names:
+            raise ConfigError(f"task {self.config.name!r}: main_metric {main!r} is not one of {list(self.metric_names)}")
+        return main

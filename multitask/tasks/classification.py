@@ -1,0 +1,108 @@
+"""Sentence and sentence-pair classification (SST-2, TREC, ChnSentiCorp, NLI-style pairs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from multitask.data.records import Record
+from multitask.errors import DataError
+from multitask.metrics import MetricResult, classification_metrics
+from multitask.tasks.base import TASK_TYPES, Feature, TaskType
+
+
+@dataclass
+class TextExample:
+    guid: str
+    text: str
+    text_pair: str | None = None
+    label: Any = None  # a label string (classification) or a list of them (multi-label)
+
+
+def text_example_from_raw(raw: dict[str, Any], index: int, source: str) -> TextExample:
+    """Prediction input: ``{"text": ..., "text_pair": ...}`` (a bare string is taken as the text)."""
+    if isinstance(raw, str):
+        raw = {"text": raw}
+    if not isinstance(raw, dict) or not isinstance(raw.get("text"), str):
+        raise DataError(f"{source}: expected an object with a string 'text' (and optional 'text_pair')")
+    return TextExample(str(raw.get("id", index)), raw["text"], raw.get("text_pair"))
+
+
+def encode_texts(examples: Sequence[TextExample], tokenizer, max_length: int) -> dict[str, list]:
+    texts = [e.text for e in examples]
+    pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
+    return tokenizer(texts, pairs, truncation=True, max_length=max_length)
+
+
+class ClassificationTask(TaskType):
+    name = "classification"
+    head_kind = "sequence"
+    required_fields = ("text", "label")
+    optional_fields = ("text_pair", "id")
+    metric_names = ("accuracy", "macro_f1", "weighted_f1")
+    default_main_metric = "accuracy"
+
+    def example_from_record(self, record: Record, index: int) -> TextExample:
+        pair = self.field_value(record, "text_pair", required="text_pair" in self.config.fields)
+        label = self.field_value(record, "label", required=False)
+        guid = self.field_value(record, "id", required=False)
+        return TextExample(
+            str(guid if guid is not None else index),
+            str(self.field_value(record, "text")),
+            None if pair is None else str(pair),
+            None if label is None else str(label),
+        )
+
+    def example_from_raw(self, raw: dict[str, Any], index: int) -> TextExample:
+        return text_example_from_raw(raw, index, f"input line {index + 1}")
+
+    def example_labels(self, example: TextExample) -> list[str]:
+        return [] if example.label is None else [example.label]
+
+    def featurize(self, examples: list[TextExample], tokenizer, training: bool) -> list[Feature]:
+        encoded = encode_texts(examples, tokenizer, self.config.max_length)
+        index = {label: i for i, label in enumerate(self.labels)}
+        return [
+            Feature(
+                input_ids=encoded["input_ids"][i],
+                token_type_ids=encoded["token_type_ids"][i] if "token_type_ids" in encoded else None,
+                example_index=i,
+                target=None if example.label is None else index[example.label],
+            )
+            for i, example in enumerate(examples)
+        ]
+
+    def collate_targets(self, features: Sequence[Feature], length: int) -> torch.Tensor | None:
+        if any(f.target is None for f in features):
+            return None
+        return torch.tensor([f.target for f in features], dtype=torch.long)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits.float(), targets)
+
+    def decode(self, examples, features, logits: list[np.ndarray]) -> list[dict[str, Any]]:
+        predictions = []
+        for row in logits:
+            probabilities = np.exp(row - row.max())
+            probabilities /= probabilities.sum()
+            best = int(row.argmax())
+            predictions.append({"label": self.labels[best], "score": float(probabilities[best])})
+        return predictions
+
+    def score(self, examples: list[TextExample], predictions: list[dict[str, Any]]) -> MetricResult:
+        gold = [e.label for e in examples]
+        return classification_metrics(gold, [p["label"] for p in predictions], self.labels)
+
+    def prediction_record(self, example: TextExample, prediction: dict[str, Any]) -> dict[str, Any]:
+        row = {"id": example.guid, "text": example.text}
+        if example.text_pair is not None:
+            row["text_pair"] = example.text_pair
+        if example.label is not None:
+            row["gold"] = example.label
+        return {**row, **prediction}
+
+
+TASK_TYPES.register("classification", ClassificationTask)
