@@ -118,6 +118,10 @@ class TaskType(ABC):
                 raise DataError(f"task {self.config.name!r} split {split!r}: label {unknown[0]!r} is not in the "
                                 f"label set {self.labels}")
 
+    def is_labelled(self, examples: list[Any]) -> bool:
+        """Whether every example carries gold annotations (so the split can be scored, not only predicted)."""
+        return all(self.example_labels(example) for example in examples)
+
     @property
     def num_outputs(self) -> int:
         return len(self.labels)

@@ -1,0 +1,5 @@
+import sys
+
+from multitask.cli import main
+
+sys.exit(main())

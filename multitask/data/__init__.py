@@ -1,0 +1,1 @@
+"""Reading data files into Records, tag-scheme conversion and grouped validation splits."""

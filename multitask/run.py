@@ -1,0 +1,160 @@
+"""A trained run loaded back from its directory: evaluate it, or predict on raw inputs (the Python API)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from multitask.backbone import encoder_fingerprint, load_encoder
+from multitask.config import from_dict
+from multitask.data.root import data_root
+from multitask.errors import CheckpointError, ConfigError, DataError
+from multitask.experiment import ExperimentConfig
+from multitask.model import MultiTaskModel
+from multitask.prefix.bank import PrefixLayout
+from multitask.prefix.config import PrefixConfig
+from multitask.reporting import RunReport, TaskReport, write_reports
+from multitask.runtime import load_tokenizer
+from multitask.tasks.base import TaskType
+from multitask.tasks.config import SplitSource, TaskConfig
+from multitask.tasks.loading import load_task_data, read_split, task_type_from_config
+from multitask.training.checkpoint import read_checkpoint
+from multitask.training.evaluation import evaluate
+from multitask.training.trainer import resolve_device
+from multitask.utils.atomic import write_jsonl
+from multitask.heads import HEADS
+
+
+@dataclass
+class TrainedRun:
+    """A frozen encoder with a run's prefixes and heads; ``predict`` takes raw inputs for any of its tasks."""
+
+    run_dir: Path
+    experiment: ExperimentConfig
+    model: MultiTaskModel
+    tokenizer: Any
+    tasks: dict[str, TaskType]
+    device: torch.device
+
+    def task(self, name: str) -> TaskType:
+        if name not in self.tasks:
+            raise ConfigError(f"task {name!r} is not in run {self.run_dir}; its tasks: {', '.join(self.tasks)}")
+        return self.tasks[name]
+
+    def predict(self, task_name: str, inputs: list[Any], batch_size: int = 32) -> list[dict[str, Any]]:
+        """Predictions for raw inputs (text / text pairs, sentences or token lists, question + context)."""
+        task = self.task(task_name)
+        examples = [task.example_from_raw(raw, index) for index, raw in enumerate(inputs)]
+        features = task.featurize(examples, self.tokenizer, training=False)
+        evaluation = evaluate(self.model, task, examples, features, batch_size, self.device,
+                              self.experiment.precision, self.tokenizer.pad_token_id or 0)
+        return evaluation.predictions
+
+    def evaluate_split(self, task_name: str, split: str, examples: list[Any], batch_size: int = 64):
+        task = self.task(task_name)
+        features = task.featurize(examples, self.tokenizer, training=False)
+        return evaluate(self.model, task, examples, features, batch_size, self.device, self.experiment.precision,
+                        self.tokenizer.pad_token_id or 0)
+
+
+def _rebuild_model(meta: dict[str, Any], tasks: dict[str, TaskType], encoder) -> MultiTaskModel:
+    hidden = encoder.config.hidden_size
+    heads = {name: HEADS.get(t.head_kind)(t.config.head, hidden, t.num_outputs) for name, t in tasks.items()}
+    saved = meta["prefix_layout"]
+    layout = None
+    if saved["task_prefixes"]:
+        layout = PrefixLayout(
+            prefixes={name: PrefixConfig(**cfg) for name, cfg in saved["prefixes"].items()},
+            task_prefixes={task: tuple(names) for task, names in saved["task_prefixes"].items()},
+        )
+    return MultiTaskModel(encoder, heads, layout)
+
+
+def load_run(run_dir: str | Path, encoder=None, tokenizer=None, device: str = "auto") -> TrainedRun:
+    """Load a run directory; the encoder must be the one the run was trained on (checked by fingerprint)."""
+    run_dir = Path(run_dir)
+    meta, weights = read_checkpoint(run_dir)
+    experiment = from_dict(ExperimentConfig, meta["experiment"], source=f"{run_dir}/checkpoint/meta.json")
+    name = meta["encoder"]["name"]
+    if encoder is None:
+        encoder = load_encoder(name, experiment.encoder.attention)
+    if meta["method"] != "full_ft" and encoder_fingerprint(encoder) != meta["encoder"]["fingerprint"]:
+        raise CheckpointError(f"{run_dir}: this run was trained on encoder {name!r} with fingerprint "
+                              f"{meta['encoder']['fingerprint']}, but the encoder given has fingerprint "
+                              f"{encoder_fingerprint(encoder)}; load it with the same encoder")
+    tasks = {}
+    for saved in meta["tasks"]:
+        config = from_dict(TaskConfig, saved["config"], source=f"{run_dir}/checkpoint/meta.json")
+        task = task_type_from_config(config, f"{run_dir}/checkpoint/meta.json")
+        task.labels = list(saved["labels"])
+        tasks[config.name] = task
+    model = _rebuild_model(meta, tasks, encoder)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    trained_missing = [k for k in missing if not k.startswith("encoder.")]
+    if trained_missing or unexpected:
+        raise CheckpointError(f"{run_dir}: checkpoint does not match its own meta.json "
+                              f"(missing {trained_missing[:3]}, unexpected {unexpected[:3]})")
+    target = resolve_device(device)
+    return TrainedRun(run_dir, experiment, model.to(target).eval(),
+                      tokenizer or load_tokenizer(name), tasks, target)
+
+
+def read_input_file(path: Path) -> list[Any]:
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: expected one JSON value per line ({error.msg})") from None
+    return rows
+
+
+def predict_file(run: TrainedRun, task_name: str, input_path: Path, output_path: Path) -> int:
+    rows = read_input_file(input_path)
+    try:
+        predictions = run.predict(task_name, rows)
+    except DataError as error:
+        raise DataError(f"{input_path}: {error}") from None
+    write_jsonl(output_path, predictions)
+    return len(predictions)
+
+
+def evaluate_run(
+    run: TrainedRun, output_dir: Path, task_name: str | None = None, file: Path | None = None,
+    split_name: str = "custom", file_format: SplitSource | None = None,
+) -> RunReport:
+    """Evaluate every task on its own splits, or one task on a file in that task's format."""
+    report = RunReport(tasks={}, meta={"run_name": run.experiment.name, "encoder": run.experiment.encoder.name,
+                                       "evaluated_run": str(run.run_dir)})
+    root = data_root(run.experiment.data_root)
+    for name, task in run.tasks.items():
+        if task_name is not None and name != task_name:
+            continue
+        if file is not None:
+            source = file_format or task.config.data.validation or task.config.data.train
+            examples = {split_name: task.examples(read_split(SplitSource(source.format, str(file.resolve()),
+                                                                         source.options), root, str(file)))}
+        else:
+            loaded = load_task_data(task, root, name)
+            examples = {s: e for s, e in loaded.examples.items() if s != "train"}
+        results = {}
+        for split, split_examples in examples.items():
+            evaluation = run.evaluate_split(name, split, split_examples)
+            write_jsonl(output_dir / "predictions" / f"{name}.{split}.jsonl", evaluation.predictions)
+            if evaluation.result is not None:
+                results[split] = evaluation.result
+        report.tasks[name] = TaskReport(name, task.config.type, task.main_metric(), results)
+    if task_name is not None and not report.tasks:
+        raise ConfigError(f"task {task_name!r} is not in run {run.run_dir}; its tasks: {', '.join(run.tasks)}")
+    write_reports(report, output_dir)
+    return report

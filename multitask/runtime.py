@@ -1,0 +1,107 @@
+"""Assemble what a run needs from an experiment config: tokenizer, tasks with features, and the model."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedModel
+
+from multitask.backbone import encoder_shape, resolve_encoder_name
+from multitask.data.cache import cache_key, cached, tokenizer_fingerprint
+from multitask.data.root import data_root
+from multitask.errors import ConfigError
+from multitask.experiment import ExperimentConfig, TaskEntry
+from multitask.heads import HEADS
+from multitask.model import MultiTaskModel
+from multitask.prefix.bank import TaskPrefixRequest, plan_layout
+from multitask.tasks.base import Feature, TaskType
+from multitask.tasks.loading import load_task, load_task_data
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskRuntime:
+    """One task of a run: its type, examples and features per split, and its batch size."""
+
+    task: TaskType
+    examples: dict[str, list[Any]]
+    features: dict[str, list[Feature]]  # "train" holds training features; other splits evaluation features
+    batch_size: int
+
+    @property
+    def name(self) -> str:
+        return self.task.config.name
+
+
+def load_tokenizer(encoder_name: str):
+    tokenizer = AutoTokenizer.from_pretrained(resolve_encoder_name(encoder_name))
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"encoder {encoder_name!r}: a fast tokenizer is needed (offsets and word ids)")
+    return tokenizer
+
+
+def resolve_task_file(entry: TaskEntry, config_path: Path | None) -> Path:
+    """Task files are looked up beside the experiment config first, then from the working directory."""
+    candidates = [Path(entry.file)]
+    if config_path is not None:
+        candidates.insert(0, config_path.parent / entry.file)
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"{config_path or '<config>'}: task file not found: {entry.file}")
+
+
+def load_tasks(experiment: ExperimentConfig, config_path: Path | None) -> list[tuple[TaskEntry, TaskType, str]]:
+    loaded, names = [], set()
+    for entry in experiment.tasks:
+        path = resolve_task_file(entry, config_path)
+        task = load_task(path, entry.overrides)
+        if task.config.name in names:
+            raise ConfigError(f"{path}: task name {task.config.name!r} is used twice in the experiment")
+        names.add(task.config.name)
+        loaded.append((entry, task, str(path)))
+    return loaded
+
+
+def _featurize(task: TaskType, examples: list[Any], tokenizer, training: bool, cache_dir: str, token_hash: str):
+    key = cache_key(token_hash, {"config": task.config, "labels": task.labels}, examples, training)
+    features, hit = cached(cache_dir, key, lambda: task.featurize(examples, tokenizer, training))
+    log.info("task %s: %d features (%s)", task.config.name, len(features), "cached" if hit else "tokenized")
+    return features
+
+
+def prepare_tasks(
+    experiment: ExperimentConfig, config_path: Path | None, tokenizer, splits: tuple[str, ...] | None = None
+) -> list[TaskRuntime]:
+    """Load each task's data and featurize it (through the on-disk cache)."""
+    root = data_root(experiment.data_root)
+    token_hash = tokenizer_fingerprint(tokenizer)
+    runtimes = []
+    for entry, task, source in load_tasks(experiment, config_path):
+        loaded = load_task_data(task, root, source)
+        examples = {
+            split: items[: entry.limit_train if split == "train" else entry.limit_eval]
+            for split, items in loaded.examples.items()
+            if splits is None or split in splits
+        }
+        features = {
+            split: _featurize(task, items, tokenizer, split == "train", experiment.cache_dir, token_hash)
+            for split, items in examples.items()
+        }
+        runtimes.append(TaskRuntime(task, examples, features, entry.batch_size or experiment.optimization.batch_size))
+    return runtimes
+
+
+def build_model(experiment: ExperimentConfig, tasks: list[TaskType], encoder: PreTrainedModel) -> MultiTaskModel:
+    """Heads for every task, plus the prefix bank for the prefix method (none for a linear probe or full FT)."""
+    hidden = encoder_shape(encoder.config).hidden_size
+    heads = {t.config.name: HEADS.get(t.head_kind)(t.config.head, hidden, t.num_outputs) for t in tasks}
+    layout = None
+    if experiment.method == "prefix":
+        requests = [TaskPrefixRequest(t.config.name, t.config.prefix.group, t.config.prefix.length) for t in tasks]
+        layout = plan_layout(experiment.prefix, requests)
+    return MultiTaskModel(encoder, heads, layout, freeze_encoder=experiment.method != "full_ft")

@@ -1,0 +1,97 @@
+"""The small checkpoint (folded prefixes + heads + label maps + configs + encoder identity), and the resume state.
+
+Layout of a run directory::
+
+    checkpoint/model.safetensors   prefixes (folded to flat keys/values) and heads; never encoder weights
+    checkpoint/meta.json           tasks (resolved YAML + labels), prefix layout, encoder name + fingerprint
+    state/training_state.pt        everything --resume needs (trainable weights, optimiser, RNGs, sampler...)
+
+Every file is written atomically, and a checkpoint directory is swapped in whole, so an interrupted write
+never replaces a good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from multitask.errors import CheckpointError
+from multitask.model import MultiTaskModel
+from multitask.utils.atomic import atomic_path, write_json
+
+CHECKPOINT = "checkpoint"
+STATE_FILE = Path("state") / "training_state.pt"
+FORMAT_VERSION = 1
+
+
+def trainable_state(model: MultiTaskModel) -> dict[str, torch.Tensor]:
+    """The trained weights only (prefix bank and heads, plus the encoder when it was fine-tuned)."""
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
+
+
+def _folded_state(model: MultiTaskModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = {f"heads.{k}": v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}
+    layout: dict[str, Any] = {"prefixes": {}, "task_prefixes": {}}
+    if model.prefix_bank is not None:
+        for name, encoder in model.prefix_bank.encoders.items():
+            folded = encoder.fold()
+            state[f"prefix_bank.encoders.{name}.embedding"] = folded.embedding.detach().cpu().contiguous()
+            layout["prefixes"][name] = asdict(folded.config)
+        layout["task_prefixes"] = {t: list(p) for t, p in model.prefix_bank.layout.task_prefixes.items()}
+    if any(p.requires_grad for p in model.encoder.parameters()):
+        state.update({f"encoder.{k}": v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()})
+    return state, layout
+
+
+def save_checkpoint(run_dir: Path, model: MultiTaskModel, meta: dict[str, Any]) -> Path:
+    """Write checkpoint/ beside the old one, then swap directories, so a crash leaves one complete checkpoint."""
+    final = run_dir / CHECKPOINT
+    staging = run_dir / f".{CHECKPOINT}.new"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    state, layout = _folded_state(model)
+    save_file(state, str(staging / "model.safetensors"))
+    write_json(staging / "meta.json", {**meta, "format_version": FORMAT_VERSION, "prefix_layout": layout})
+    previous = run_dir / f".{CHECKPOINT}.old"
+    shutil.rmtree(previous, ignore_errors=True)
+    if final.exists():
+        final.rename(previous)
+    staging.rename(final)
+    shutil.rmtree(previous, ignore_errors=True)
+    return final
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    """The complete checkpoint, also when a crash struck between the two renames of a swap."""
+    for candidate in (run_dir / CHECKPOINT, run_dir / f".{CHECKPOINT}.old"):
+        if (candidate / "meta.json").exists() and (candidate / "model.safetensors").exists():
+            return candidate
+    raise CheckpointError(f"{run_dir}: no checkpoint found (expected {run_dir / CHECKPOINT}/meta.json)")
+
+
+def read_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    directory = checkpoint_dir(run_dir)
+    try:
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{directory / 'meta.json'}: unreadable ({error})") from None
+    return meta, load_file(str(directory / "model.safetensors"))
+
+
+def save_training_state(run_dir: Path, state: dict[str, Any]) -> None:
+    with atomic_path(run_dir / STATE_FILE) as tmp:
+        torch.save(state, tmp)
+
+
+def load_training_state(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / STATE_FILE
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,293 @@
+"""Joint multi-task training: sampler -> batches -> prefix/head updates, periodic evaluation, checkpoints, reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from multitask.backbone import encoder_fingerprint, load_encoder
+from multitask.config import to_dict
+from multitask.errors import CheckpointError, ConfigError
+from multitask.experiment import ExperimentConfig
+from multitask.model import MultiTaskModel
+from multitask.reporting import RunReport, TaskReport, write_reports
+from multitask.runtime import TaskRuntime, build_model, load_tokenizer, prepare_tasks
+from multitask.training.batching import TaskBatchStream
+from multitask.training.checkpoint import (
+    load_training_state, save_checkpoint, save_training_state, trainable_state,
+)
+from multitask.training.evaluation import autocast, evaluate, to_inputs
+from multitask.training.optim import build_optimizer, build_scheduler
+from multitask.training.rng import restore_rng_state, rng_state, seed_everything
+from multitask.training.sampler import make_sampler
+from multitask.utils.atomic import write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+LOSS_WINDOW = 10
+
+
+@dataclass
+class History:
+    loss: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    metric: dict[str, list[tuple[int, str, float]]] = field(default_factory=dict)
+    pending_loss: dict[str, list[float]] = field(default_factory=dict)
+
+    def add_loss(self, task: str, step: int, value: float) -> None:
+        window = self.pending_loss.setdefault(task, [])
+        window.append(value)
+        if len(window) == LOSS_WINDOW:
+            self.loss.setdefault(task, []).append((step, sum(window) / len(window)))
+            window.clear()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def total_steps(experiment: ExperimentConfig, tasks: list[TaskRuntime]) -> int:
+    """max_steps, or enough steps for ``epochs`` passes over every task's training batches."""
+    optimization = experiment.optimization
+    if optimization.max_steps is not None:
+        return optimization.max_steps
+    batches = sum(math.ceil(len(t.features["train"]) / t.batch_size) for t in tasks)
+    return max(1, int(optimization.epochs * batches / optimization.grad_accumulation))
+
+
+class Trainer:
+    """Trains one joint model for an experiment and writes its run directory.
+
+    ``encoder`` / ``tokenizer`` may be given directly (tests use tiny in-process ones); otherwise they are
+    loaded from the experiment's encoder name. ``on_step`` is called after every optimiser step.
+    """
+
+    def __init__(
+        self, experiment: ExperimentConfig, run_dir: Path, config_path: Path | None = None, resume: bool = False,
+        encoder=None, tokenizer=None, progress: bool = True, on_step: Callable[[int], None] | None = None,
+    ) -> None:
+        self.experiment, self.run_dir, self.resume = experiment, Path(run_dir), resume
+        self.progress, self.on_step = progress, on_step
+        self._check_run_dir()
+        if experiment.num_threads:
+            torch.set_num_threads(experiment.num_threads)
+        seed_everything(experiment.seed)
+        self.device = resolve_device(experiment.device)
+        self.tokenizer = tokenizer or load_tokenizer(experiment.encoder.name)
+        self.tasks = prepare_tasks(experiment, config_path, self.tokenizer)
+        for runtime in self.tasks:
+            if not runtime.features.get("train"):
+                raise ConfigError(f"task {runtime.name!r} has no training data")
+        encoder = encoder if encoder is not None else load_encoder(experiment.encoder.name, experiment.encoder.attention)
+        self.encoder_identity = {"name": experiment.encoder.name, "fingerprint": encoder_fingerprint(encoder)}
+        seed_everything(experiment.seed)
+        self.model: MultiTaskModel = build_model(experiment, [t.task for t in self.tasks], encoder).to(self.device)
+        if experiment.encoder.gradient_checkpointing:
+            self.model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.total_steps = total_steps(experiment, self.tasks)
+        self.optimizer = build_optimizer(self.model, experiment.optimization)
+        self.scheduler = build_scheduler(self.optimizer, experiment.optimization, self.total_steps)
+        self.scaler = torch.amp.GradScaler(enabled=experiment.precision == "fp16" and self.device.type == "cuda")
+        sizes = {t.name: len(t.features["train"]) for t in self.tasks}
+        self.sampler = make_sampler(experiment.sampler.name, sizes, experiment.seed, **experiment.sampler.options())
+        self.streams = {
+            t.name: TaskBatchStream(
+                t.name, len(t.features["train"]), t.batch_size, experiment.seed,
+                length_grouped=experiment.optimization.length_grouped,
+                lengths=[len(f) for f in t.features["train"]],
+            )
+            for t in self.tasks
+        }
+        self.step, self.best_score, self.best_step, self.bad_evals = 0, -math.inf, None, 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.history, self.elapsed = History(), 0.0
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        if resume:
+            self._restore()
+
+    # ------------------------------------------------------------------ run directory and state
+    def _check_run_dir(self) -> None:
+        has_run = (self.run_dir / "state").exists() or (self.run_dir / "checkpoint").exists()
+        if has_run and not self.resume:
+            raise CheckpointError(f"{self.run_dir} already holds a run; pass --resume to continue it, or choose "
+                                  f"another --output-dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = to_dict(self.experiment)
+        saved = self.run_dir / "config.json"
+        if self.resume and saved.exists():
+            previous = json.loads(saved.read_text(encoding="utf-8"))
+            if previous != json.loads(json.dumps(resolved)):
+                changed = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
+                raise CheckpointError(f"{self.run_dir}: the config differs from the run being resumed "
+                                      f"(keys: {', '.join(changed)})")
+        write_json(saved, resolved)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "sampler": self.sampler.state_dict(), "streams": {k: s.state_dict() for k, s in self.streams.items()},
+            "rng": rng_state(), "best_score": self.best_score, "best_step": self.best_step,
+            "best_state": self.best_state, "bad_evals": self.bad_evals, "history": self.history,
+            "elapsed": self.wall_time(),
+        }
+
+    def wall_time(self) -> float:
+        """Training seconds across every resumed segment of this run."""
+        return self.elapsed + (time.perf_counter() - self.started)
+
+    def _restore(self) -> None:
+        state = load_training_state(self.run_dir)
+        if state is None:
+            raise CheckpointError(f"{self.run_dir}: nothing to resume (no state/training_state.pt)")
+        self.model.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        for name, stream_state in state["streams"].items():
+            self.streams[name].load_state_dict(stream_state)
+        restore_rng_state(state["rng"])
+        self.step, self.best_score, self.best_step = state["step"], state["best_score"], state["best_step"]
+        self.best_state, self.bad_evals = state["best_state"], state["bad_evals"]
+        self.history, self.elapsed = state["history"], state["elapsed"]
+        log.info("resumed %s at step %d", self.run_dir, self.step)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {
+            "encoder": self.encoder_identity,
+            "method": self.experiment.method,
+            "experiment": to_dict(self.experiment),
+            "tasks": [{"config": to_dict(t.task.config), "labels": t.task.labels} for t in self.tasks],
+            "step": self.step,
+            "best_step": self.best_step,
+        }
+
+    # ------------------------------------------------------------------ training
+    def train_step(self) -> tuple[str, float]:
+        task_name = self.sampler.next_task()
+        runtime = next(t for t in self.tasks if t.name == task_name)
+        accumulation = self.experiment.optimization.grad_accumulation
+        self.model.train()
+        total = 0.0
+        for _ in range(accumulation):
+            indices = self.streams[task_name].next_batch()
+            batch = runtime.task.collate([runtime.features["train"][i] for i in indices], self.pad_id)
+            with autocast(self.device, self.experiment.precision):
+                logits, _ = self.model(to_inputs(batch, self.model.task_id(task_name), self.device))[task_name]
+                loss = runtime.task.loss(logits, batch.targets.to(self.device)) / accumulation
+            self.scaler.scale(loss).backward()
+            total += loss.item()
+        if self.experiment.optimization.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.experiment.optimization.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return task_name, total
+
+    def evaluate_all(self, splits: list[str]) -> dict[str, dict[str, Any]]:
+        """Evaluate every task on the given splits it has; returns task -> split -> Evaluation."""
+        results: dict[str, dict[str, Any]] = {}
+        for runtime in self.tasks:
+            for split in splits:
+                if split in runtime.features:
+                    results.setdefault(runtime.name, {})[split] = evaluate(
+                        self.model, runtime.task, runtime.examples[split], runtime.features[split],
+                        self.experiment.evaluation.batch_size, self.device, self.experiment.precision, self.pad_id,
+                    )
+        return results
+
+    def _selection_score(self, results: dict[str, dict[str, Any]]) -> float | None:
+        split = self.experiment.evaluation.splits[0]
+        scores = [
+            r[split].result.scores[t.task.main_metric()]
+            for t in self.tasks if (r := results.get(t.name)) and split in r and r[split].result is not None
+        ]
+        return sum(scores) / len(scores) if scores else None
+
+    def _periodic_evaluation(self, writer) -> bool:
+        """Evaluate, keep the best checkpoint, and say whether early stopping should end training."""
+        results = self.evaluate_all(self.experiment.evaluation.splits)
+        for task, splits in results.items():
+            for split, evaluation in splits.items():
+                if evaluation.result is None:
+                    continue
+                main = next(t for t in self.tasks if t.name == task).task.main_metric()
+                value = evaluation.result.scores[main]
+                self.history.metric.setdefault(task, []).append((self.step, split, value))
+                for metric, score in evaluation.result.scores.items():
+                    writer.add_scalar(f"{split}/{task}/{metric}", score, self.step)
+        score = self._selection_score(results)
+        if score is None or score > self.best_score:
+            self.best_score = -math.inf if score is None else score
+            self.best_step, self.bad_evals = self.step, 0
+            self.best_state = trainable_state(self.model)
+            save_checkpoint(self.run_dir, self.model, self.checkpoint_meta())
+        else:
+            self.bad_evals += 1
+        log.info("step %d: mean main metric %s (best %.4f at step %s)", self.step, score, self.best_score, self.best_step)
+        patience = self.experiment.evaluation.early_stopping_patience
+        return patience is not None and self.bad_evals >= patience
+
+    def train(self) -> RunReport:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.started = time.perf_counter()
+        log.info("%s", self.model.parameter_summary().render())
+        writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        evaluation = self.experiment.evaluation
+        checkpoint_every = evaluation.checkpoint_every or evaluation.every_steps
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        stop = False
+        while self.step < self.total_steps and not stop:
+            task, loss = self.train_step()
+            self.step += 1
+            self.history.add_loss(task, self.step, loss)
+            writer.add_scalar(f"train/loss/{task}", loss, self.step)
+            bar.update(1)
+            bar.set_postfix(task=task, loss=f"{loss:.4f}")
+            if self.step % evaluation.every_steps == 0 or self.step == self.total_steps:
+                stop = self._periodic_evaluation(writer)
+            if self.step % checkpoint_every == 0 or self.step == self.total_steps or stop:
+                save_training_state(self.run_dir, self._state())
+            if self.on_step is not None:
+                self.on_step(self.step)
+        bar.close()
+        writer.close()
+        return self.finish()
+
+    def finish(self) -> RunReport:
+        """Restore the best weights, evaluate every split, write predictions and the reports."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state, strict=False)
+        splits = sorted({s for t in self.tasks for s in t.features if s != "train"})
+        results = self.evaluate_all(splits)
+        report = RunReport(tasks={}, meta={
+            "run_name": self.experiment.name, "encoder": self.experiment.encoder.name,
+            "method": self.experiment.method, "prefix_mode": self.experiment.prefix.mode,
+            "steps": self.step, "best_step": self.best_step,
+            "wall_time_s": round(self.wall_time(), 1),
+            "parameters": self.model.parameter_summary().render(),
+        })
+        for runtime in self.tasks:
+            task_results = results.get(runtime.name, {})
+            for split, evaluation in task_results.items():
+                write_jsonl(self.run_dir / "predictions" / f"{runtime.name}.{split}.jsonl", evaluation.predictions)
+            report.tasks[runtime.name] = TaskReport(
+                name=runtime.name, type=runtime.task.config.type, main_metric=runtime.task.main_metric(),
+                splits={s: e.result for s, e in task_results.items() if e.result is not None},
+                metric_history=self.history.metric.get(runtime.name, []),
+                loss_history=self.history.loss.get(runtime.name, []),
+            )
+        write_reports(report, self.run_dir)
+        return report
