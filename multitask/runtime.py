@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from multitask.backbone import encoder_shape, resolve_encoder_name
 from multitask.data.cache import cache_key, cached, tokenizer_fingerprint
@@ -38,7 +38,10 @@ class TaskRuntime:
 
 
 def load_tokenizer(encoder_name: str):
-    tokenizer = AutoTokenizer.from_pretrained(resolve_encoder_name(encoder_name))
+    source = resolve_encoder_name(encoder_name)
+    # Byte-level BPE (RoBERTa) needs a prefix space to tokenize pre-split words (NER) like running text.
+    extra = {"add_prefix_space": True} if AutoConfig.from_pretrained(source).model_type == "roberta" else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"encoder {encoder_name!r}: a fast tokenizer is needed (offsets and word ids)")
     return tokenizer

@@ -44,4 +44,4 @@ def tiny_tokenizer(directory: Path) -> BertTokenizerFast:
     directory.mkdir(parents=True, exist_ok=True)
     vocab = directory / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n", encoding="utf-8")
-    return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True, tokenize_chinese_chars=True)
+    return BertTokenizerFast(vocab=str(vocab), do_lower_case=True, tokenize_chinese_chars=True)
