@@ -73,7 +73,7 @@ data:
   train: {path: qa/data.json, format: squad}
   carve: {validation_fraction: 0.25, group_field: title, seed: 1}
 max_length: 32
-options: {doc_stride: 8, max_answer_length: 6}
+options: {doc_stride: 8, max_answer_length: 6, max_question_length: 12}
 """,
 }
 

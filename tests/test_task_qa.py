@@ -215,6 +215,10 @@ def test_stride_must_fit_the_window(tokenizer):
         make_task(max_length=16, doc_stride=9).featurize([example()], tokenizer, training=True)
 
 
+def test_no_examples_no_features(tokenizer):
+    assert make_task().featurize([], tokenizer, training=True) == []
+
+
 def test_long_questions_are_cut(tokenizer):
     long_question = "who is john smith and where was john smith born"
     (feature,) = make_task(max_length=40).featurize([example(question=long_question)], tokenizer, training=False)

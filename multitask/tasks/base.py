@@ -118,9 +118,13 @@ class TaskType(ABC):
                 raise DataError(f"task {self.config.name!r} split {split!r}: label {unknown[0]!r} is not in the "
                                 f"label set {self.labels}")
 
+    def example_is_labelled(self, example: Any) -> bool:
+        """Whether the example carries gold annotations; types whose gold may be empty override this."""
+        return bool(self.example_labels(example))
+
     def is_labelled(self, examples: list[Any]) -> bool:
-        """Whether every example carries gold annotations (so the split can be scored, not only predicted)."""
-        return all(self.example_labels(example) for example in examples)
+        """Whether every example can be scored (not only predicted)."""
+        return all(self.example_is_labelled(example) for example in examples)
 
     @property
     def num_outputs(self) -> int:

@@ -31,6 +31,15 @@ def text_example_from_raw(raw: dict[str, Any], index: int, source: str) -> TextE
     return TextExample(str(raw.get("id", index)), raw["text"], raw.get("text_pair"))
 
 
+def read_text_fields(task: TaskType, record: Record, index: int) -> tuple[str, str, str | None]:
+    """(guid, text, text_pair) of a record, through the task's field mapping; shared by text task types."""
+    pair = task.field_value(record, "text_pair", required="text_pair" in task.config.fields)
+    guid = task.field_value(record, "id", required=False)
+    return str(guid if guid is not None else index), str(task.field_value(record, "text")), (
+        None if pair is None else str(pair)
+    )
+
+
 def encode_texts(examples: Sequence[TextExample], tokenizer, max_length: int) -> dict[str, list]:
     texts = [e.text for e in examples]
     pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
@@ -46,15 +55,8 @@ class ClassificationTask(TaskType):
     default_main_metric = "accuracy"
 
     def example_from_record(self, record: Record, index: int) -> TextExample:
-        pair = self.field_value(record, "text_pair", required="text_pair" in self.config.fields)
         label = self.field_value(record, "label", required=False)
-        guid = self.field_value(record, "id", required=False)
-        return TextExample(
-            str(guid if guid is not None else index),
-            str(self.field_value(record, "text")),
-            None if pair is None else str(pair),
-            None if label is None else str(label),
-        )
+        return TextExample(*read_text_fields(self, record, index), None if label is None else str(label))
 
     def example_from_raw(self, raw: dict[str, Any], index: int) -> TextExample:
         return text_example_from_raw(raw, index, f"input line {index + 1}")

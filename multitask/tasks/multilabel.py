@@ -17,7 +17,7 @@ from multitask.data.records import Record
 from multitask.errors import DataError
 from multitask.metrics import MetricResult, multilabel_metrics
 from multitask.tasks.base import TASK_TYPES, Feature, TaskType
-from multitask.tasks.classification import TextExample, encode_texts, text_example_from_raw
+from multitask.tasks.classification import TextExample, encode_texts, read_text_fields, text_example_from_raw
 from multitask.tasks.config import TaskConfig
 
 
@@ -65,13 +65,9 @@ class MultiLabelTask(TaskType):
         super().__init__(config, options or MultiLabelOptions())
 
     def example_from_record(self, record: Record, index: int) -> TextExample:
-        pair = self.field_value(record, "text_pair", required="text_pair" in self.config.fields)
         labels = self.field_value(record, "labels", required=False)
-        guid = self.field_value(record, "id", required=False)
         return TextExample(
-            str(guid if guid is not None else index),
-            str(self.field_value(record, "text")),
-            None if pair is None else str(pair),
+            *read_text_fields(self, record, index),
             None if labels is None else parse_labels(labels, self.options.label_separator, record.source),
         )
 
@@ -81,9 +77,9 @@ class MultiLabelTask(TaskType):
     def example_labels(self, example: TextExample) -> list[str]:
         return example.label or []
 
-    def is_labelled(self, examples: list[TextExample]) -> bool:
+    def example_is_labelled(self, example: TextExample) -> bool:
         """An empty label set is a valid gold answer here, so only a missing one means unlabelled."""
-        return all(example.label is not None for example in examples)
+        return example.label is not None
 
     def featurize(self, examples: list[TextExample], tokenizer, training: bool) -> list[Feature]:
         encoded = encode_texts(examples, tokenizer, self.config.max_length)

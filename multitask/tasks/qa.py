@@ -192,6 +192,8 @@ class QATask(TaskType):
 
     def featurize(self, examples: list[QAExample], tokenizer, training: bool) -> list[QAFeature]:
         self.check_window(tokenizer)
+        if not examples:  # the tokenizer cannot encode an empty batch
+            return []
         questions = truncate_questions([e.question for e in examples], tokenizer, self.options.max_question_length)
         encoded = tokenizer(
             questions,
