@@ -141,6 +141,7 @@ def test_score_matches_hand_computed_values():
         QAExample("d", "q", "unlabelled"),  # prediction input: not scored
     ]
     predictions = [{"answer": a} for a in ("paris", "france", "paris", "x")]
+    assert not task.is_labelled(examples) and task.is_labelled(examples[:3] + [QAExample("e", "q", "c", [])])
     result = task.score(examples, predictions)
     assert result.scores["exact_match"] == pytest.approx(1 / 3)
     assert result.scores["f1"] == pytest.approx((1 + 0.5 + 0) / 3)  # "france" vs 3 gold tokens: P 1, R 1/3

@@ -168,6 +168,10 @@ class QATask(TaskType):
             raise DataError(f"input line {index + 1}: expected an object with string 'question' and 'context'")
         return QAExample(str(raw.get("id", index)), raw["question"], raw["context"])
 
+    def example_is_labelled(self, example: QAExample) -> bool:
+        """Gold answers may be empty (unanswerable) yet still scored; only prediction inputs carry None."""
+        return example.answers is not None
+
     # ---- examples -> features
     def check_window(self, tokenizer) -> None:
         """The tokenizer panics unless the stride is below the context room, so say what to change instead."""
@@ -273,7 +277,7 @@ class QATask(TaskType):
     # ---- predictions -> metrics
     def score(self, examples: list[QAExample], predictions: list[dict[str, Any]]) -> MetricResult:
         """SQuAD / CMRC EM and F1 over the labelled examples, max over each question's gold answers."""
-        labelled = [(e, p) for e, p in zip(examples, predictions) if e.answers is not None]
+        labelled = [(e, p) for e, p in zip(examples, predictions) if self.example_is_labelled(e)]
         return squad_metrics(
             {e.guid: p["answer"] for e, p in labelled},
             {e.guid: [text for text, _ in e.answers] for e, _ in labelled},
