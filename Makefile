@@ -16,7 +16,7 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/multitask train configs/demo.yaml --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/step_time.py

@@ -71,6 +71,11 @@ def encoder_from_config(config: PretrainedConfig, attention: str = "sdpa") -> Pr
     return AutoModel.from_config(config, attn_implementation=PREFIX_ATTENTION[attention])
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant checkpointing: the reentrant kind would not back-propagate into prefixes passed as keywords."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def encoder_fingerprint(model: torch.nn.Module) -> str:
     """A short hash of the frozen weights, so a checkpoint refuses to load on a different encoder."""
     digest = hashlib.sha256()

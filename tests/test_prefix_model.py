@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DebertaV2Config, GPT2Config
 
-from multitask.backbone import encoder_from_config
+from multitask.backbone import enable_activation_checkpointing, encoder_from_config
 from multitask.errors import ConfigError, UnsupportedModelError
 from multitask.heads import HEADS, HeadConfig
 from multitask.model import ModelInputs, MultiTaskModel
@@ -163,7 +163,7 @@ def test_gradient_checkpointing_keeps_prefix_gradients(kind):
     def prefix_grads(checkpointing: bool):
         model = build_model(kind, "per_task").train()
         if checkpointing:
-            model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model.encoder)
         outputs = model(inputs)
         sum(logits.pow(2).mean() for logits, _ in outputs.values()).backward()
         return {n: p.grad.clone() for n, p in model.prefix_bank.named_parameters()}

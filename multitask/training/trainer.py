@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from multitask.backbone import encoder_fingerprint, load_encoder
+from multitask.backbone import enable_activation_checkpointing, encoder_fingerprint, load_encoder
 from multitask.config import to_dict
 from multitask.errors import CheckpointError, ConfigError
 from multitask.experiment import ExperimentConfig
@@ -91,7 +91,7 @@ class Trainer:
         seed_everything(experiment.seed)
         self.model: MultiTaskModel = build_model(experiment, [t.task for t in self.tasks], encoder).to(self.device)
         if experiment.encoder.gradient_checkpointing:
-            self.model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.model.encoder)
         self.total_steps = total_steps(experiment, self.tasks)
         self.optimizer = build_optimizer(self.model, experiment.optimization)
         self.scheduler = build_scheduler(self.optimizer, experiment.optimization, self.total_steps)
