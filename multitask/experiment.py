@@ -52,6 +52,7 @@ class OptimizationConfig:
     prefix_lr: float = field(default=1e-2, metadata={"help": "Learning rate of prefix parameters."})
     head_lr: float = field(default=1e-3, metadata={"help": "Learning rate of head parameters."})
     encoder_lr: float = field(default=3e-5, metadata={"help": "Learning rate of encoder weights (full fine-tuning only)."})
+    lora_lr: float = field(default=5e-4, metadata={"help": "Learning rate of LoRA weights (method: lora)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)."})
     warmup_ratio: float = field(default=0.06, metadata={"help": "Share of steps with linear warm-up."})
     schedule: Literal["linear", "cosine", "constant"] = field(default="linear", metadata={"help": "LR decay."})
@@ -80,14 +81,35 @@ class EvaluationConfig:
 
 
 @dataclass
+class LoraSettings:
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
+    dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["query", "value"], metadata={"help": "Encoder Linear layers that get LoRA."}
+    )
+
+
+METHODS = ("prefix", "lora", "linear_probe", "full_ft")
+
+
+@dataclass
 class ExperimentConfig:
     name: str = field(metadata={"help": "Run name."})
     tasks: list[TaskEntry] = field(metadata={"help": "Task files in this experiment."})
     optimization: OptimizationConfig = field(metadata={"help": "Optimisation settings."})
     encoder: EncoderConfig = field(default_factory=EncoderConfig, metadata={"help": "The frozen encoder."})
     prefix: PrefixBankConfig = field(default_factory=PrefixBankConfig, metadata={"help": "Prefix mode and settings."})
-    method: Literal["prefix", "linear_probe", "full_ft"] = field(
-        default="prefix", metadata={"help": "prefix: P-Tuning v2; linear_probe: heads only; full_ft: unfreeze encoder."}
+    method: Literal["prefix", "lora", "linear_probe", "full_ft"] = field(
+        default="prefix",
+        metadata={"help": "prefix: P-Tuning v2; lora: PEFT LoRA on the frozen encoder; linear_probe: heads only on "
+                  "the frozen encoder; full_ft: every encoder weight trains."},
+    )
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings (method: lora)."})
+    method_overrides: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={"help": "Per-method config overrides used by `multitask compare`, e.g. "
+                  "{full_ft: {optimization: {head_lr: 3e-5}}}."},
     )
     sampler: SamplerConfig = field(default_factory=SamplerConfig, metadata={"help": "Multi-task sampler."})
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"help": "Evaluation cadence."})

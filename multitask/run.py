@@ -18,7 +18,7 @@ from multitask.model import MultiTaskModel
 from multitask.prefix.bank import PrefixLayout
 from multitask.prefix.config import PrefixConfig
 from multitask.reporting import RunReport, TaskReport, write_reports
-from multitask.runtime import load_tokenizer
+from multitask.runtime import add_lora, load_tokenizer
 from multitask.tasks.base import TaskType
 from multitask.tasks.config import SplitSource, TaskConfig
 from multitask.tasks.loading import load_task_data, read_split, task_type_from_config
@@ -93,6 +93,8 @@ def load_run(run_dir: str | Path, encoder=None, tokenizer=None, device: str = "a
         task.labels = list(saved["labels"])
         tasks[config.name] = task
     model = _rebuild_model(meta, tasks, encoder)
+    if experiment.method == "lora":
+        add_lora(model.encoder, experiment.lora)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     trained_missing = [k for k in missing if not k.startswith("encoder.")]
     if trained_missing or unexpected:

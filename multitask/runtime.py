@@ -13,7 +13,7 @@ from multitask.backbone import encoder_shape, resolve_encoder_name
 from multitask.data.cache import cache_key, cached, tokenizer_fingerprint
 from multitask.data.root import data_root
 from multitask.errors import ConfigError
-from multitask.experiment import ExperimentConfig, TaskEntry
+from multitask.experiment import ExperimentConfig, LoraSettings, TaskEntry
 from multitask.heads import HEADS
 from multitask.model import MultiTaskModel
 from multitask.prefix.bank import TaskPrefixRequest, plan_layout
@@ -107,4 +107,18 @@ def build_model(experiment: ExperimentConfig, tasks: list[TaskType], encoder: Pr
     if experiment.method == "prefix":
         requests = [TaskPrefixRequest(t.config.name, t.config.prefix.group, t.config.prefix.length) for t in tasks]
         layout = plan_layout(experiment.prefix, requests)
-    return MultiTaskModel(encoder, heads, layout, freeze_encoder=experiment.method != "full_ft")
+    model = MultiTaskModel(encoder, heads, layout, freeze_encoder=experiment.method != "full_ft")
+    if experiment.method == "lora":
+        add_lora(model.encoder, experiment.lora)
+    return model
+
+
+def add_lora(encoder: PreTrainedModel, settings: LoraSettings) -> None:
+    """Inject PEFT's LoRA layers in place; only they (and the heads) train, the encoder stays frozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.target_modules))
+    inject_adapter_in_model(config, encoder)
+    for name, parameter in encoder.named_parameters():
+        parameter.requires_grad_(".lora_" in name)

@@ -45,7 +45,7 @@ def loss_plot(report: RunReport) -> bytes | None:
     if min(all_losses) > 0 and max(all_losses) / min(all_losses) > 20:
         ax.set_yscale("log")
     _finish(ax, "Training loss", "step", "loss (smoothed)")
-    return _png(fig)
+    return to_png(fig)
 
 
 def metric_plot(report: RunReport) -> bytes | None:
@@ -68,7 +68,7 @@ def metric_plot(report: RunReport) -> bytes | None:
     if isinstance(best, (int, float)):
         ax.axvline(best, color="0.5", linestyle=":", linewidth=1, label=f"best step ({best})")
     _finish(ax, "Main metric over training", "step", "score (%)")
-    return _png(fig)
+    return to_png(fig)
 
 
 def confusion_plot(task: TaskReport, split: str) -> bytes | None:
@@ -97,7 +97,7 @@ def confusion_plot(task: TaskReport, split: str) -> bytes | None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"{task.name}: confusion matrix ({split})")
-    return _png(fig)
+    return to_png(fig)
 
 
 def entity_f1_plot(task: TaskReport, split: str) -> bytes | None:
@@ -119,7 +119,7 @@ def entity_f1_plot(task: TaskReport, split: str) -> bytes | None:
     ax.set_xlabel("F1 (%)")
     ax.set_title(f"{task.name}: F1 per entity type ({split})")
     ax.grid(axis="x", alpha=0.3)
-    return _png(fig)
+    return to_png(fig)
 
 
 def confusion_data(task: TaskReport, split: str) -> tuple[list[str], list[list[int]]]:
@@ -186,7 +186,7 @@ def _finish(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
 
 
-def _png(fig: Figure) -> bytes:
+def to_png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     return buffer.getvalue()

@@ -45,8 +45,9 @@ def _folded_state(model: MultiTaskModel) -> tuple[dict[str, torch.Tensor], dict[
             state[f"prefix_bank.encoders.{name}.embedding"] = folded.embedding.detach().cpu().contiguous()
             layout["prefixes"][name] = asdict(folded.config)
         layout["task_prefixes"] = {t: list(p) for t, p in model.prefix_bank.layout.task_prefixes.items()}
-    if any(p.requires_grad for p in model.encoder.parameters()):
-        state.update({f"encoder.{k}": v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()})
+    # Encoder weights only when they were trained (LoRA branches, or everything under full fine-tuning).
+    state.update({f"encoder.{k}": p.detach().cpu().contiguous()
+                  for k, p in model.encoder.named_parameters() if p.requires_grad})
     return state, layout
 
 

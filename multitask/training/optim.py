@@ -14,13 +14,23 @@ def _no_decay(name: str) -> bool:
     return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
 
 
+def learning_rate(name: str, config: OptimizationConfig) -> float:
+    """Each kind of trained weight has its own rate: prefixes ~1e-2, heads ~1e-3, LoRA ~5e-4, encoder ~3e-5."""
+    if name.startswith("prefix_bank."):
+        return config.prefix_lr
+    if name.startswith("heads."):
+        return config.head_lr
+    if ".lora_" in name:
+        return config.lora_lr
+    return config.encoder_lr
+
+
 def build_optimizer(model: MultiTaskModel, config: OptimizationConfig) -> torch.optim.AdamW:
-    rates = {"prefix_bank.": config.prefix_lr, "heads.": config.head_lr, "encoder.": config.encoder_lr}
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        lr = next(rate for prefix, rate in rates.items() if name.startswith(prefix) or prefix in name)
+        lr = learning_rate(name, config)
         decay = 0.0 if _no_decay(name) else config.weight_decay
         groups.setdefault((lr, decay), []).append(parameter)
     return torch.optim.AdamW(

@@ -1,0 +1,154 @@
+"""`multitask compare`: train P-Tuning v2 variants, LoRA, full fine-tuning and a linear probe on the same tasks.
+
+Every method is a small strategy that rewrites the experiment config (method, prefix mode, task list); the
+training loop, heads, batching, evaluation and reports are the same for all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from multitask.config import from_dict, to_dict
+from multitask.errors import ConfigError, MultitaskError
+from multitask.experiment import ExperimentConfig, TaskEntry
+from multitask.registry import Registry
+from multitask.reporting import load_report
+from multitask.runtime import resolve_task_file
+from multitask.utils.atomic import write_json, write_text
+
+Strategy = Callable[[ExperimentConfig], list[tuple[str, ExperimentConfig]]]
+METHODS: Registry[Strategy] = Registry("comparison method")
+
+
+def _with(experiment: ExperimentConfig, method: str, mode: str | None = None) -> ExperimentConfig:
+    prefix = experiment.prefix if mode is None else dataclasses.replace(experiment.prefix, mode=mode)
+    return dataclasses.replace(experiment, method=method, prefix=prefix)
+
+
+METHODS.register("prefix_shared", lambda e: [("prefix_shared", _with(e, "prefix", "shared"))])
+METHODS.register("prefix_per_task", lambda e: [("prefix_per_task", _with(e, "prefix", "per_task"))])
+METHODS.register("prefix_single", lambda e: [
+    (f"prefix_single/{index}", dataclasses.replace(_with(e, "prefix", "per_task"), tasks=[entry]))
+    for index, entry in enumerate(e.tasks)
+])
+METHODS.register("lora", lambda e: [("lora", _with(e, "lora"))])
+METHODS.register("full_ft", lambda e: [("full_ft", _with(e, "full_ft"))])
+METHODS.register("linear_probe", lambda e: [("linear_probe", _with(e, "linear_probe"))])
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    peak_rss_bytes: int | None
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError(f"--methods: expected a comma-separated list of {', '.join(METHODS.available())}")
+    for method in methods:
+        METHODS.get(method)
+    return methods
+
+
+def method_experiment(base: ExperimentConfig, method: str, config_path: Path | None) -> list[tuple[str, ExperimentConfig]]:
+    """The method's runs: its strategy applied, then its overrides from ``method_overrides``, task files absolute."""
+    from multitask.tasks.loading import deep_merge
+
+    resolved_tasks = [dataclasses.replace(t, file=str(resolve_task_file(t, config_path).resolve())) for t in base.tasks]
+    base = dataclasses.replace(base, tasks=resolved_tasks)
+    runs = []
+    for label, experiment in METHODS.get(method)(base):
+        overrides = base.method_overrides.get(method, {})
+        data = deep_merge(to_dict(experiment), overrides)
+        runs.append((label, from_dict(ExperimentConfig, data, source=f"method_overrides.{method}")))
+    return runs
+
+
+def run_subprocess(experiment: ExperimentConfig, run_dir: Path) -> RunOutcome:
+    """Train in a fresh process so its peak RSS is its own (read through wait4)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir / "experiment.yaml"
+    write_text(config_file, yaml.safe_dump(to_dict(experiment), sort_keys=False, allow_unicode=True))
+    command = [sys.executable, "-m", "multitask", "train", str(config_file), "--output-dir", str(run_dir),
+               "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(run_dir / "stderr.log", "w"))
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise MultitaskError(f"method run failed ({run_dir}); see {run_dir / 'stderr.log'}")
+    return RunOutcome(run_dir, usage.ru_maxrss * 1024)
+
+
+def run_in_process(experiment: ExperimentConfig, run_dir: Path, encoder_factory=None, tokenizer=None) -> RunOutcome:
+    """Train in this process (tests, or when subprocesses are unwanted); peak RSS is then not per method."""
+    from multitask.training.trainer import Trainer
+
+    encoder = encoder_factory() if encoder_factory is not None else None
+    Trainer(experiment, run_dir, encoder=encoder, tokenizer=tokenizer, progress=False).train()
+    return RunOutcome(run_dir, None)
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def collect(method: str, outcomes: list[RunOutcome], split: str) -> dict[str, Any]:
+    """Per task: main metric, wall time, examples/s, peak memory, trainable parameters and checkpoint size."""
+    tasks = {}
+    for outcome in outcomes:
+        report = load_report(outcome.run_dir / "report.json")
+        meta = report.meta
+        wall = float(meta.get("wall_time_s") or 0.0)
+        for name, task in report.tasks.items():
+            result = task.splits.get(split)
+            tasks[name] = {
+                "main_metric": task.main_metric,
+                "score": None if result is None else result.scores[task.main_metric],
+                "wall_time_s": wall,
+                "examples_per_s": (meta.get("train_examples_seen") or 0) / wall if wall else None,
+                "peak_rss_bytes": outcome.peak_rss_bytes,
+                "peak_gpu_memory_bytes": meta.get("peak_gpu_memory_bytes"),
+                "trainable_parameters": meta.get("trainable_parameters"),
+                "trainable_percent_of_encoder": 100.0 * meta["trainable_parameters"] / max(1, meta["encoder_parameters"]),
+                "checkpoint_bytes": directory_bytes(outcome.run_dir / "checkpoint"),
+                "run_dir": str(outcome.run_dir),
+            }
+    return tasks
+
+
+def compare(
+    experiment: ExperimentConfig, methods: list[str], output_dir: Path, config_path: Path | None = None,
+    in_process: bool = False, encoder_factory=None, tokenizer=None,
+) -> dict[str, Any]:
+    """Train every method and write comparison.json, comparison.md and comparison.png."""
+    from multitask.reporting.comparison import render_comparison_markdown, render_comparison_plot
+
+    split = experiment.evaluation.splits[0]
+    results: dict[str, Any] = {"split": split, "experiment": experiment.name, "methods": {}}
+    started = time.perf_counter()
+    for method in methods:
+        outcomes = []
+        for label, method_config in method_experiment(experiment, method, config_path):
+            run_dir = output_dir / "runs" / label
+            if in_process:
+                outcomes.append(run_in_process(method_config, run_dir, encoder_factory, tokenizer))
+            else:
+                outcomes.append(run_subprocess(method_config, run_dir))
+        results["methods"][method] = {"tasks": collect(method, outcomes, split)}
+    results["wall_time_s"] = round(time.perf_counter() - started, 1)
+    write_json(output_dir / "comparison.json", results)
+    write_text(output_dir / "comparison.md", render_comparison_markdown(results))
+    plot = render_comparison_plot(results)
+    if plot is not None:
+        (output_dir / "comparison.png").write_bytes(plot)
+    return results
