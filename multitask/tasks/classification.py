@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -40,10 +40,22 @@ def read_text_fields(task: TaskType, record: Record, index: int) -> tuple[str, s
     )
 
 
-def encode_texts(examples: Sequence[TextExample], tokenizer, max_length: int) -> dict[str, list]:
+def text_features(
+    examples: Sequence[TextExample], tokenizer, max_length: int, target_of: Callable[[TextExample], Any]
+) -> list[Feature]:
+    """One feature per (text, text_pair) example, tokenized in one batch call; ``target_of`` gives its target."""
     texts = [e.text for e in examples]
     pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
-    return tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    return [
+        Feature(
+            input_ids=encoded["input_ids"][i],
+            token_type_ids=encoded["token_type_ids"][i] if "token_type_ids" in encoded else None,
+            example_index=i,
+            target=None if example.label is None else target_of(example),
+        )
+        for i, example in enumerate(examples)
+    ]
 
 
 class ClassificationTask(TaskType):
@@ -65,17 +77,8 @@ class ClassificationTask(TaskType):
         return [] if example.label is None else [example.label]
 
     def featurize(self, examples: list[TextExample], tokenizer, training: bool) -> list[Feature]:
-        encoded = encode_texts(examples, tokenizer, self.config.max_length)
         index = {label: i for i, label in enumerate(self.labels)}
-        return [
-            Feature(
-                input_ids=encoded["input_ids"][i],
-                token_type_ids=encoded["token_type_ids"][i] if "token_type_ids" in encoded else None,
-                example_index=i,
-                target=None if example.label is None else index[example.label],
-            )
-            for i, example in enumerate(examples)
-        ]
+        return text_features(examples, tokenizer, self.config.max_length, lambda e: index[e.label])
 
     def collate_targets(self, features: Sequence[Feature], length: int) -> torch.Tensor | None:
         if any(f.target is None for f in features):

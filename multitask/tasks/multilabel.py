@@ -17,7 +17,7 @@ from multitask.data.records import Record
 from multitask.errors import DataError
 from multitask.metrics import MetricResult, multilabel_metrics
 from multitask.tasks.base import TASK_TYPES, Feature, TaskType
-from multitask.tasks.classification import TextExample, encode_texts, read_text_fields, text_example_from_raw
+from multitask.tasks.classification import TextExample, read_text_fields, text_example_from_raw, text_features
 from multitask.tasks.config import TaskConfig
 
 
@@ -82,22 +82,10 @@ class MultiLabelTask(TaskType):
         return example.label is not None
 
     def featurize(self, examples: list[TextExample], tokenizer, training: bool) -> list[Feature]:
-        encoded = encode_texts(examples, tokenizer, self.config.max_length)
-        index = {label: i for i, label in enumerate(self.labels)}
-        features = []
-        for i, example in enumerate(examples):
-            target = None
-            if example.label is not None:
-                target = [0.0] * len(self.labels)
-                for label in example.label:
-                    target[index[label]] = 1.0
-            features.append(Feature(
-                input_ids=encoded["input_ids"][i],
-                token_type_ids=encoded["token_type_ids"][i] if "token_type_ids" in encoded else None,
-                example_index=i,
-                target=target,
-            ))
-        return features
+        return text_features(examples, tokenizer, self.config.max_length, self.multi_hot)
+
+    def multi_hot(self, example: TextExample) -> list[float]:
+        return [1.0 if label in example.label else 0.0 for label in self.labels]
 
     def collate_targets(self, features: Sequence[Feature], length: int) -> torch.Tensor | None:
         if any(f.target is None for f in features):
