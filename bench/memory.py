@@ -8,16 +8,13 @@ kept. On CPU the figure is the process's peak resident set (VmHWM from /proc/sel
 on CUDA it is torch.cuda.max_memory_allocated. Both include the encoder's weights, as a user's machine must
 hold them. Target: prefix peak <= 0.85x full fine-tuning.
 
-Why VmHWM and not getrusage(RUSAGE_SELF).ru_maxrss on Linux: a child's ru_maxrss starts from the parent's
-high-water mark at exec (checked: a child of a 980 MB parent reports 980 MB), so it would report the parent's
-size whenever that is the larger.
+(Why VmHWM rather than ru_maxrss: see multitask/utils/memory.py.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 
@@ -25,21 +22,11 @@ import torch
 
 import common
 from multitask.prefix.config import PrefixConfig
+from multitask.utils.memory import rss_bytes
 
 TARGET = 0.85  # prefix peak / full fine-tuning peak
 VARIANTS = (common.PREFIX, common.FULL)
 MIB = 2**20
-
-
-def rss_bytes(field: str) -> int:
-    """VmHWM (peak) or VmRSS (now) of this process; ru_maxrss where /proc is missing."""
-    try:
-        with open("/proc/self/status") as status:
-            line = next(line for line in status if line.startswith(field + ":"))
-        return int(line.split()[1]) * 1024
-    except (OSError, StopIteration):
-        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def worker(args, variant: str) -> None:

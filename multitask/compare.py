@@ -7,11 +7,9 @@ training loop, heads, batching, evaluation and reports are the same for all of t
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +17,7 @@ import yaml
 
 from multitask.config import from_dict, to_dict
 from multitask.errors import ConfigError, MultitaskError
-from multitask.experiment import ExperimentConfig, TaskEntry
+from multitask.experiment import ExperimentConfig
 from multitask.registry import Registry
 from multitask.reporting import load_report
 from multitask.runtime import resolve_task_file
@@ -45,12 +43,6 @@ METHODS.register("full_ft", lambda e: [("full_ft", _with(e, "full_ft"))])
 METHODS.register("linear_probe", lambda e: [("linear_probe", _with(e, "linear_probe"))])
 
 
-@dataclass
-class RunOutcome:
-    run_dir: Path
-    peak_rss_bytes: int | None
-
-
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     if not methods:
@@ -74,39 +66,38 @@ def method_experiment(base: ExperimentConfig, method: str, config_path: Path | N
     return runs
 
 
-def run_subprocess(experiment: ExperimentConfig, run_dir: Path) -> RunOutcome:
-    """Train in a fresh process so its peak RSS is its own (read through wait4)."""
+def run_subprocess(experiment: ExperimentConfig, run_dir: Path) -> Path:
+    """Train in a fresh process, so the peak memory its report records is its own."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / "experiment.yaml"
     write_text(config_file, yaml.safe_dump(to_dict(experiment), sort_keys=False, allow_unicode=True))
     command = [sys.executable, "-m", "multitask", "train", str(config_file), "--output-dir", str(run_dir),
                "--no-progress"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(run_dir / "stderr.log", "w"))
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
+    with open(run_dir / "stderr.log", "w", encoding="utf-8") as stderr:
+        returncode = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr).returncode
+    if returncode != 0:
         raise MultitaskError(f"method run failed ({run_dir}); see {run_dir / 'stderr.log'}")
-    return RunOutcome(run_dir, usage.ru_maxrss * 1024)
+    return run_dir
 
 
-def run_in_process(experiment: ExperimentConfig, run_dir: Path, encoder_factory=None, tokenizer=None) -> RunOutcome:
-    """Train in this process (tests, or when subprocesses are unwanted); peak RSS is then not per method."""
+def run_in_process(experiment: ExperimentConfig, run_dir: Path, encoder_factory=None, tokenizer=None) -> Path:
+    """Train in this process (tests, or when subprocesses are unwanted); peak memory is then the process's."""
     from multitask.training.trainer import Trainer
 
     encoder = encoder_factory() if encoder_factory is not None else None
     Trainer(experiment, run_dir, encoder=encoder, tokenizer=tokenizer, progress=False).train()
-    return RunOutcome(run_dir, None)
+    return run_dir
 
 
 def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def collect(method: str, outcomes: list[RunOutcome], split: str) -> dict[str, Any]:
+def collect(run_dirs: list[Path], split: str) -> dict[str, Any]:
     """Per task: main metric, wall time, examples/s, peak memory, trainable parameters and checkpoint size."""
     tasks = {}
-    for outcome in outcomes:
-        report = load_report(outcome.run_dir / "report.json")
+    for run_dir in run_dirs:
+        report = load_report(run_dir / "report.json")
         meta = report.meta
         wall = float(meta.get("wall_time_s") or 0.0)
         for name, task in report.tasks.items():
@@ -116,12 +107,12 @@ def collect(method: str, outcomes: list[RunOutcome], split: str) -> dict[str, An
                 "score": None if result is None else result.scores[task.main_metric],
                 "wall_time_s": wall,
                 "examples_per_s": (meta.get("train_examples_seen") or 0) / wall if wall else None,
-                "peak_rss_bytes": outcome.peak_rss_bytes,
+                "peak_rss_bytes": meta.get("peak_rss_bytes"),
                 "peak_gpu_memory_bytes": meta.get("peak_gpu_memory_bytes"),
                 "trainable_parameters": meta.get("trainable_parameters"),
                 "trainable_percent_of_encoder": 100.0 * meta["trainable_parameters"] / max(1, meta["encoder_parameters"]),
-                "checkpoint_bytes": directory_bytes(outcome.run_dir / "checkpoint"),
-                "run_dir": str(outcome.run_dir),
+                "checkpoint_bytes": directory_bytes(run_dir / "checkpoint"),
+                "run_dir": str(run_dir),
             }
     return tasks
 
@@ -137,14 +128,15 @@ def compare(
     results: dict[str, Any] = {"split": split, "experiment": experiment.name, "methods": {}}
     started = time.perf_counter()
     for method in methods:
-        outcomes = []
+        run_dirs = []
         for label, method_config in method_experiment(experiment, method, config_path):
             run_dir = output_dir / "runs" / label
             if in_process:
-                outcomes.append(run_in_process(method_config, run_dir, encoder_factory, tokenizer))
+                run_dirs.append(run_in_process(method_config, run_dir, encoder_factory, tokenizer))
             else:
-                outcomes.append(run_subprocess(method_config, run_dir))
-        results["methods"][method] = {"tasks": collect(method, outcomes, split)}
+                run_dirs.append(run_subprocess(method_config, run_dir))
+        results["methods"][method] = {"tasks": collect(run_dirs, split)}
+    results["peak_memory_per_method"] = not in_process
     results["wall_time_s"] = round(time.perf_counter() - started, 1)
     write_json(output_dir / "comparison.json", results)
     write_text(output_dir / "comparison.md", render_comparison_markdown(results))
