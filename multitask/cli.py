@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,17 +32,49 @@ def _load_experiment(path: str, overrides: list[str]):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    """Train in this process, or, with --nproc N > 1, under torchrun on N local processes. Under torchrun every
+    rank runs this; rank 0 alone writes the run directory (train.log included) and prints the report."""
+    from multitask.training import distributed
+
+    if args.nproc != 1:
+        _launch_torchrun(args)
+        return
     from multitask.reporting.markdown import render_markdown
     from multitask.training.trainer import Trainer
 
     experiment = _load_experiment(args.config, args.set)
     run_dir = Path(args.output_dir or experiment.output_dir or Path("runs") / experiment.name)
-    _setup_logging(run_dir)
-    trainer = Trainer(experiment, run_dir, config_path=Path(args.config), resume=args.resume,
-                      progress=not args.no_progress)
-    report = trainer.train()
-    print(render_markdown(report))
-    print(f"run written to {run_dir} (report.json, report.md, report.html, checkpoint/, predictions/)")
+    _setup_logging(run_dir if distributed.is_main() else None)
+    if not distributed.is_main():
+        logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress lines, from rank 0
+    try:
+        report = Trainer(experiment, run_dir, config_path=Path(args.config), resume=args.resume,
+                         progress=not args.no_progress).train()
+    finally:
+        distributed.shutdown()
+    if report is not None:
+        print(render_markdown(report))
+        print(f"run written to {run_dir} (report.json, report.md, report.html, checkpoint/, predictions/)")
+
+
+def _launch_torchrun(args: argparse.Namespace) -> None:
+    """Start this same `train` command (minus --nproc) under torchrun on this machine; several machines run
+    torchrun themselves (README, "Distributed training")."""
+    from multitask.training.distributed import launched_by_torchrun
+
+    if args.nproc < 1:
+        raise MultitaskError(f"--nproc must be at least 1, got {args.nproc}")
+    if launched_by_torchrun():
+        raise MultitaskError("--nproc starts torchrun itself; leave it out when running under torchrun")
+    forwarded = [args.config, *(f"--set={item}" for item in args.set)]
+    forwarded += ["--output-dir", args.output_dir] if args.output_dir else []
+    forwarded += ["--resume"] if args.resume else []
+    forwarded += ["--no-progress"] if args.no_progress else []
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "multitask", "train", *forwarded]
+    status = subprocess.run(command, check=False).returncode
+    if status != 0:
+        raise MultitaskError(f"torchrun exited with status {status} (the ranks' errors are above)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -74,6 +107,18 @@ def cmd_validate(args: argparse.Namespace) -> None:
     print(validate_paths([Path(p) for p in args.paths], args.set))
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from multitask.compare import compare, parse_methods
+
+    methods = parse_methods(args.methods)
+    experiment = _load_experiment(args.config, args.set)
+    output_dir = Path(args.output_dir or Path("runs") / f"{experiment.name}-compare")
+    _setup_logging(output_dir)
+    compare(experiment, methods, output_dir, config_path=Path(args.config), in_process=args.in_process)
+    print((output_dir / "comparison.md").read_text(encoding="utf-8"))
+    print(f"comparison written to {output_dir} (comparison.json, comparison.md, comparison.png, runs/)")
+
+
 def cmd_types(args: argparse.Namespace) -> None:
     from multitask.tasks import TASK_TYPES
 
@@ -93,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run exactly")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="train data-parallel on N local processes (starts torchrun for you)")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a trained run")
@@ -114,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("paths", nargs="+")
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     validate.set_defaults(func=cmd_validate)
+
+    compare = sub.add_parser("compare", help="train several methods on the same tasks and compare them")
+    compare.add_argument("config")
+    compare.add_argument("--methods", default="prefix_shared,prefix_per_task,prefix_single,lora,full_ft,linear_probe",
+                         help="comma-separated subset of the methods")
+    compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    compare.add_argument("--output-dir")
+    compare.add_argument("--in-process", action="store_true",
+                         help="train every method in this process (peak memory is then not per method)")
+    compare.set_defaults(func=cmd_compare)
 
     types = sub.add_parser("types", help="list the registered task types")
     types.set_defaults(func=cmd_types)

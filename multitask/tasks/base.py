@@ -144,6 +144,12 @@ class TaskType(ABC):
     @abstractmethod
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
 
+    def loss_terms(self, targets: torch.Tensor) -> int:
+        """How many terms ``loss`` averages over (here: one per row). Data-parallel training weights each rank's
+        loss by its share of the global batch's terms, so the gradient equals one process's on the whole batch;
+        a type whose loss averages over something else (tokens) overrides this."""
+        return int(targets.shape[0])
+
     # ---- logits -> predictions -> metrics
     @abstractmethod
     def decode(self, examples: list[Any], features: list[Feature], logits: list[np.ndarray]) -> list[Any]:

@@ -191,6 +191,10 @@ class NerTask(TaskType):
         )
         return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
+    def loss_terms(self, targets: torch.Tensor) -> int:
+        """The loss averages over labelled positions, not sentences."""
+        return int((targets != IGNORE_INDEX).sum())
+
     def decode(self, examples: list[TaggingExample], features: list[TaggingFeature], logits: list[np.ndarray]):
         """Words without a subword stay "O"; invalid I- tags that open a span become B- (valid IOB2)."""
         tags = [["O"] * len(example.tokens) for example in examples]

@@ -1,4 +1,9 @@
-"""Evaluate one task on one split: batches -> logits per feature -> predictions -> metrics."""
+"""Evaluate one task on one split: batches -> logits per feature -> predictions -> metrics.
+
+Under data parallelism the batches are sharded over the ranks and the logits gathered on rank 0, which alone
+decodes and scores; each feature's logits come from the very batch one process would have put it in, so the
+metrics are exactly those of one process.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import torch
 from multitask.model import ModelInputs, MultiTaskModel
 from multitask.reporting.model import SplitResult
 from multitask.tasks.base import Batch, Feature, TaskType
+from multitask.training import distributed
 from multitask.training.batching import eval_batches
 
 
@@ -37,27 +43,33 @@ def to_inputs(batch: Batch, task_id: int, device: torch.device) -> ModelInputs:
 def feature_logits(
     model: MultiTaskModel, task: TaskType, features: list[Feature], batch_size: int, device: torch.device,
     precision: str, pad_id: int,
-) -> list[np.ndarray]:
-    """Logits of every feature, trimmed to the feature's own length; batches are length-sorted (little padding)."""
+) -> list[np.ndarray] | None:
+    """Logits of every feature, trimmed to the feature's own length; batches are length-sorted (little padding).
+
+    Each rank computes its share of the batches; the full list comes back on rank 0, None on the other ranks.
+    """
     model.eval()
     name = task.config.name
     task_id = model.task_id(name)
-    logits: list[np.ndarray | None] = [None] * len(features)
-    for indices in eval_batches([len(f) for f in features], batch_size):
+    computed: list[tuple[int, np.ndarray]] = []
+    for indices in distributed.shard(eval_batches([len(f) for f in features], batch_size)):
         batch = task.collate([features[i] for i in indices], pad_id)
         with autocast(device, precision):
             output, _ = model(to_inputs(batch, task_id, device))[name]
         output = output.float().cpu().numpy()
         for row, index in enumerate(indices):
-            logits[index] = output[row, : len(features[index])] if output.ndim == 3 else output[row]
-    return logits
+            computed.append((index, output[row, : len(features[index])] if output.ndim == 3 else output[row]))
+    return distributed.gather_indexed(computed, len(features))
 
 
 def evaluate(
     model: MultiTaskModel, task: TaskType, examples: list[Any], features: list[Feature], batch_size: int,
     device: torch.device, precision: str, pad_id: int,
-) -> Evaluation:
+) -> Evaluation | None:
+    """Predictions and (for labelled splits) metrics; None on ranks other than 0, which only contribute logits."""
     logits = feature_logits(model, task, features, batch_size, device, precision, pad_id)
+    if logits is None:
+        return None
     predictions = task.decode(examples, features, logits)
     rows = [task.prediction_record(example, p) for example, p in zip(examples, predictions)]
     if not examples or not task.is_labelled(examples):

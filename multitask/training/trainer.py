@@ -20,6 +20,7 @@ from multitask.experiment import ExperimentConfig
 from multitask.model import MultiTaskModel
 from multitask.reporting import RunReport, TaskReport, write_reports
 from multitask.runtime import TaskRuntime, build_model, load_tokenizer, prepare_tasks
+from multitask.training import distributed
 from multitask.training.batching import TaskBatchStream
 from multitask.training.checkpoint import (
     load_training_state, save_checkpoint, save_training_state, trainable_state,
@@ -28,6 +29,7 @@ from multitask.training.evaluation import autocast, evaluate, to_inputs
 from multitask.training.optim import build_optimizer, build_scheduler
 from multitask.training.rng import restore_rng_state, rng_state, seed_everything
 from multitask.training.sampler import make_sampler
+from multitask.utils.memory import rss_bytes
 from multitask.utils.atomic import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -54,13 +56,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def total_steps(experiment: ExperimentConfig, tasks: list[TaskRuntime]) -> int:
-    """max_steps, or enough steps for ``epochs`` passes over every task's training batches."""
+def total_steps(experiment: ExperimentConfig, tasks: list[TaskRuntime], replicas: int) -> int:
+    """max_steps, or enough steps for ``epochs`` passes over every task's global batches (``replicas`` per-rank
+    batches each)."""
     optimization = experiment.optimization
     if optimization.max_steps is not None:
         return optimization.max_steps
-    batches = sum(math.ceil(len(t.features["train"]) / t.batch_size) for t in tasks)
+    batches = sum(math.ceil(len(t.features["train"]) / (t.batch_size * replicas)) for t in tasks)
     return max(1, int(optimization.epochs * batches / optimization.grad_accumulation))
+
+
+class _NoWriter:
+    """TensorBoard's stand-in on ranks other than 0, which write no files."""
+
+    def add_scalar(self, *args: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class Trainer:
@@ -68,6 +81,8 @@ class Trainer:
 
     ``encoder`` / ``tokenizer`` may be given directly (tests use tiny in-process ones); otherwise they are
     loaded from the experiment's encoder name. ``on_step`` is called after every optimiser step.
+    Under torchrun it trains data-parallel (see ``multitask.training.distributed``): every rank builds the same
+    Trainer, rank 0 alone writes the run directory, and ``train`` returns the report on rank 0 only.
     """
 
     def __init__(
@@ -77,12 +92,17 @@ class Trainer:
         self.experiment, self.run_dir, self.resume = experiment, Path(run_dir), resume
         self.progress, self.on_step = progress, on_step
         self._check_run_dir()
+        saved = self._saved_state() if resume else None
         if experiment.num_threads:
             torch.set_num_threads(experiment.num_threads)
         seed_everything(experiment.seed)
-        self.device = resolve_device(experiment.device)
+        self.device = distributed.init_process_group(resolve_device(experiment.device))
+        # A global batch is `replicas` per-rank batches: the world size the run started with, kept on resume, so
+        # a run continues on any number of processes along the same batches and schedule.
+        self.replicas: int = saved["replicas"] if saved else distributed.world_size()
         self.tokenizer = tokenizer or load_tokenizer(experiment.encoder.name)
-        self.tasks = prepare_tasks(experiment, config_path, self.tokenizer)
+        with distributed.main_rank_first():
+            self.tasks = prepare_tasks(experiment, config_path, self.tokenizer)
         for runtime in self.tasks:
             if not runtime.features.get("train"):
                 raise ConfigError(f"task {runtime.name!r} has no training data")
@@ -92,7 +112,9 @@ class Trainer:
         self.model: MultiTaskModel = build_model(experiment, [t.task for t in self.tasks], encoder).to(self.device)
         if experiment.encoder.gradient_checkpointing:
             enable_activation_checkpointing(self.model.encoder)
-        self.total_steps = total_steps(experiment, self.tasks)
+        self.train_model = distributed.wrap(self.model, self.device)  # what training steps call; self.model elsewhere
+        distributed.seed_rank(experiment.seed)
+        self.total_steps = total_steps(experiment, self.tasks, self.replicas)
         self.optimizer = build_optimizer(self.model, experiment.optimization)
         self.scheduler = build_scheduler(self.optimizer, experiment.optimization, self.total_steps)
         self.scaler = torch.amp.GradScaler(enabled=experiment.precision == "fp16" and self.device.type == "cuda")
@@ -100,7 +122,7 @@ class Trainer:
         self.sampler = make_sampler(experiment.sampler.name, sizes, experiment.seed, **experiment.sampler.options())
         self.streams = {
             t.name: TaskBatchStream(
-                t.name, len(t.features["train"]), t.batch_size, experiment.seed,
+                t.name, len(t.features["train"]), t.batch_size * self.replicas, experiment.seed,
                 length_grouped=experiment.optimization.length_grouped,
                 lengths=[len(f) for f in t.features["train"]],
             )
@@ -108,10 +130,10 @@ class Trainer:
         }
         self.step, self.best_score, self.best_step, self.bad_evals = 0, -math.inf, None, 0
         self.best_state: dict[str, torch.Tensor] | None = None
-        self.history, self.elapsed = History(), 0.0
+        self.history, self.elapsed, self.examples_seen = History(), 0.0, 0
         self.pad_id = self.tokenizer.pad_token_id or 0
-        if resume:
-            self._restore()
+        if saved is not None:
+            self._restore(saved)
 
     # ------------------------------------------------------------------ run directory and state
     def _check_run_dir(self) -> None:
@@ -119,7 +141,6 @@ class Trainer:
         if has_run and not self.resume:
             raise CheckpointError(f"{self.run_dir} already holds a run; pass --resume to continue it, or choose "
                                   f"another --output-dir")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         resolved = to_dict(self.experiment)
         saved = self.run_dir / "config.json"
         if self.resume and saved.exists():
@@ -128,26 +149,33 @@ class Trainer:
                 changed = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
                 raise CheckpointError(f"{self.run_dir}: the config differs from the run being resumed "
                                       f"(keys: {', '.join(changed)})")
-        write_json(saved, resolved)
+        if distributed.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(saved, resolved)
 
     def _state(self) -> dict[str, Any]:
+        """Everything --resume needs; rank-independent but for "rng", one state per rank (a collective call)."""
         return {
             "step": self.step, "model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "sampler": self.sampler.state_dict(), "streams": {k: s.state_dict() for k, s in self.streams.items()},
-            "rng": rng_state(), "best_score": self.best_score, "best_step": self.best_step,
+            "rng": distributed.gather_from_all(rng_state()), "replicas": self.replicas,
+            "best_score": self.best_score, "best_step": self.best_step,
             "best_state": self.best_state, "bad_evals": self.bad_evals, "history": self.history,
-            "elapsed": self.wall_time(),
+            "elapsed": self.wall_time(), "examples_seen": self.examples_seen,
         }
 
     def wall_time(self) -> float:
         """Training seconds across every resumed segment of this run."""
         return self.elapsed + (time.perf_counter() - self.started)
 
-    def _restore(self) -> None:
+    def _saved_state(self) -> dict[str, Any]:
         state = load_training_state(self.run_dir)
         if state is None:
             raise CheckpointError(f"{self.run_dir}: nothing to resume (no state/training_state.pt)")
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -155,11 +183,22 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         for name, stream_state in state["streams"].items():
             self.streams[name].load_state_dict(stream_state)
-        restore_rng_state(state["rng"])
+        self._restore_rng(state["rng"])
         self.step, self.best_score, self.best_step = state["step"], state["best_score"], state["best_step"]
         self.best_state, self.bad_evals = state["best_state"], state["bad_evals"]
         self.history, self.elapsed = state["history"], state["elapsed"]
+        self.examples_seen = state["examples_seen"]
         log.info("resumed %s at step %d", self.run_dir, self.step)
+
+    def _restore_rng(self, states: list[dict[str, Any]]) -> None:
+        """Each rank continues its own random stream (dropout); a rank the saved run did not have keeps the fresh
+        one from ``seed_rank``, so a run resumed on another number of processes matches the uninterrupted one up to
+        dropout (exactly, without dropout, up to float rounding)."""
+        if len(states) != distributed.world_size():
+            log.info("resuming a run saved by %d process(es) on %d; global batches stay %d per-rank batches",
+                     len(states), distributed.world_size(), self.replicas)
+        if distributed.rank() < len(states):
+            restore_rng_state(states[distributed.rank()])
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {
@@ -173,19 +212,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def train_step(self) -> tuple[str, float]:
+        """One optimiser step on the sampled task; returns the task and the loss of its global batch(es).
+
+        Each rank trains on its rows of the global batch, its loss weighted by its share of the batch's loss terms
+        (see ``distributed.loss_share``), so the step equals one process's step on the whole batch.
+        """
         task_name = self.sampler.next_task()
         runtime = next(t for t in self.tasks if t.name == task_name)
         accumulation = self.experiment.optimization.grad_accumulation
         self.model.train()
-        total = 0.0
-        for _ in range(accumulation):
+        total = torch.zeros((), device=self.device)
+        for micro in range(accumulation):
             indices = self.streams[task_name].next_batch()
-            batch = runtime.task.collate([runtime.features["train"][i] for i in indices], self.pad_id)
-            with autocast(self.device, self.experiment.precision):
-                logits, _ = self.model(to_inputs(batch, self.model.task_id(task_name), self.device))[task_name]
-                loss = runtime.task.loss(logits, batch.targets.to(self.device)) / accumulation
-            self.scaler.scale(loss).backward()
-            total += loss.item()
+            rows = distributed.rank_rows(indices)
+            # A global batch smaller than the world leaves a rank without rows: it runs one row at weight 0, so
+            # that it still joins DDP's all-reduce.
+            batch = runtime.task.collate([runtime.features["train"][i] for i in rows or indices[:1]], self.pad_id)
+            share = distributed.loss_share(runtime.task.loss_terms(batch.targets) if rows else 0, self.device)
+            with distributed.accumulation_context(self.train_model, sync=micro == accumulation - 1):
+                with autocast(self.device, self.experiment.precision):
+                    inputs = to_inputs(batch, self.model.task_id(task_name), self.device)
+                    logits, _ = self.train_model(inputs)[task_name]
+                    loss = runtime.task.loss(logits, batch.targets.to(self.device))
+                self.scaler.scale(loss * (share * distributed.world_size()) / accumulation).backward()
+            self.examples_seen += len(indices)
+            total += loss.detach() * share / accumulation
         if self.experiment.optimization.max_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.experiment.optimization.max_grad_norm)
@@ -193,18 +244,24 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return task_name, total
+        return task_name, distributed.all_reduce_sum(total).item()
 
     def evaluate_all(self, splits: list[str]) -> dict[str, dict[str, Any]]:
-        """Evaluate every task on the given splits it has; returns task -> split -> Evaluation."""
+        """Evaluate every task on the given splits it has; returns task -> split -> Evaluation.
+
+        Every rank must call it (evaluation is sharded over ranks); the results are on rank 0, empty elsewhere.
+        """
         results: dict[str, dict[str, Any]] = {}
         for runtime in self.tasks:
             for split in splits:
-                if split in runtime.features:
-                    results.setdefault(runtime.name, {})[split] = evaluate(
-                        self.model, runtime.task, runtime.examples[split], runtime.features[split],
-                        self.experiment.evaluation.batch_size, self.device, self.experiment.precision, self.pad_id,
-                    )
+                if split not in runtime.features:
+                    continue
+                evaluation = evaluate(
+                    self.model, runtime.task, runtime.examples[split], runtime.features[split],
+                    self.experiment.evaluation.batch_size, self.device, self.experiment.precision, self.pad_id,
+                )
+                if evaluation is not None:
+                    results.setdefault(runtime.name, {})[split] = evaluation
         return results
 
     def _selection_score(self, results: dict[str, dict[str, Any]]) -> float | None:
@@ -227,27 +284,40 @@ class Trainer:
                 self.history.metric.setdefault(task, []).append((self.step, split, value))
                 for metric, score in evaluation.result.scores.items():
                     writer.add_scalar(f"{split}/{task}/{metric}", score, self.step)
-        score = self._selection_score(results)
+        score = distributed.broadcast_from_main(self._selection_score(results))
         if score is None or score > self.best_score:
             self.best_score = -math.inf if score is None else score
             self.best_step, self.bad_evals = self.step, 0
             self.best_state = trainable_state(self.model)
-            save_checkpoint(self.run_dir, self.model, self.checkpoint_meta())
+            if distributed.is_main():
+                save_checkpoint(self.run_dir, self.model, self.checkpoint_meta())
         else:
             self.bad_evals += 1
         log.info("step %d: mean main metric %s (best %.4f at step %s)", self.step, score, self.best_score, self.best_step)
         patience = self.experiment.evaluation.early_stopping_patience
         return patience is not None and self.bad_evals >= patience
 
-    def train(self) -> RunReport:
+    def _open_writer(self) -> Any:
         from torch.utils.tensorboard import SummaryWriter
 
+        return SummaryWriter(str(self.run_dir / "tensorboard")) if distributed.is_main() else _NoWriter()
+
+    def _save_state(self) -> None:
+        state = self._state()  # on every rank: it gathers their random states
+        if distributed.is_main():
+            save_training_state(self.run_dir, state)
+
+    def train(self) -> RunReport | None:
         self.started = time.perf_counter()
         log.info("%s", self.model.parameter_summary().render())
-        writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if distributed.world_size() > 1:
+            log.info("data parallel over %d processes: %s bytes of gradient all-reduced per step",
+                     distributed.world_size(), f"{distributed.allreduce_bytes(self.model):,}")
+        writer = self._open_writer()
         evaluation = self.experiment.evaluation
         checkpoint_every = evaluation.checkpoint_every or evaluation.every_steps
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress or not distributed.is_main(),
+                   desc="train", unit="step")
         stop = False
         while self.step < self.total_steps and not stop:
             task, loss = self.train_step()
@@ -259,25 +329,33 @@ class Trainer:
             if self.step % evaluation.every_steps == 0 or self.step == self.total_steps:
                 stop = self._periodic_evaluation(writer)
             if self.step % checkpoint_every == 0 or self.step == self.total_steps or stop:
-                save_training_state(self.run_dir, self._state())
+                self._save_state()
             if self.on_step is not None:
                 self.on_step(self.step)
         bar.close()
         writer.close()
         return self.finish()
 
-    def finish(self) -> RunReport:
-        """Restore the best weights, evaluate every split, write predictions and the reports."""
+    def finish(self) -> RunReport | None:
+        """Restore the best weights, evaluate every split, write predictions and the reports (rank 0; the other
+        ranks only help evaluate and return None)."""
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state, strict=False)
         splits = sorted({s for t in self.tasks for s in t.features if s != "train"})
         results = self.evaluate_all(splits)
+        if not distributed.is_main():
+            return None
         report = RunReport(tasks={}, meta={
             "run_name": self.experiment.name, "encoder": self.experiment.encoder.name,
             "method": self.experiment.method, "prefix_mode": self.experiment.prefix.mode,
             "steps": self.step, "best_step": self.best_step,
             "wall_time_s": round(self.wall_time(), 1),
             "parameters": self.model.parameter_summary().render(),
+            "trainable_parameters": self.model.parameter_summary().trainable,
+            "encoder_parameters": self.model.parameter_summary().encoder,
+            "train_examples_seen": self.examples_seen,
+            "peak_rss_bytes": rss_bytes("VmHWM"),
+            "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if self.device.type == "cuda" else None,
         })
         for runtime in self.tasks:
             task_results = results.get(runtime.name, {})
