@@ -34,10 +34,19 @@ def _with(experiment: ExperimentConfig, method: str, mode: str | None = None) ->
 
 METHODS.register("prefix_shared", lambda e: [("prefix_shared", _with(e, "prefix", "shared"))])
 METHODS.register("prefix_per_task", lambda e: [("prefix_per_task", _with(e, "prefix", "per_task"))])
-METHODS.register("prefix_single", lambda e: [
-    (f"prefix_single/{index}", dataclasses.replace(_with(e, "prefix", "per_task"), tasks=[entry]))
-    for index, entry in enumerate(e.tasks)
-])
+def _single_task_runs(experiment: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
+    """One prefix model per task. A joint run's ``max_steps`` is split evenly, so each task gets as many of its
+    own steps as round-robin joint training gives it and the total compute stays equal."""
+    optimization = experiment.optimization
+    if optimization.max_steps is not None:
+        steps = max(1, optimization.max_steps // len(experiment.tasks))
+        optimization = dataclasses.replace(optimization, max_steps=steps)
+    base = dataclasses.replace(_with(experiment, "prefix", "per_task"), optimization=optimization)
+    return [(f"prefix_single/{index}", dataclasses.replace(base, tasks=[entry]))
+            for index, entry in enumerate(experiment.tasks)]
+
+
+METHODS.register("prefix_single", _single_task_runs)
 METHODS.register("lora", lambda e: [("lora", _with(e, "lora"))])
 METHODS.register("full_ft", lambda e: [("full_ft", _with(e, "full_ft"))])
 METHODS.register("linear_probe", lambda e: [("linear_probe", _with(e, "linear_probe"))])

@@ -76,6 +76,7 @@ def test_prefix_single_trains_one_run_per_task(tmp_path):
     config = write_project(tmp_path)
     runs = method_experiment(load_config(ExperimentConfig, config), "prefix_single", config)
     assert [len(experiment.tasks) for _, experiment in runs] == [1, 1, 1]
+    assert [experiment.optimization.max_steps for _, experiment in runs] == [4, 4, 4]  # 12 joint steps / 3 tasks
 
 
 def test_method_overrides_apply_to_their_method_only(tmp_path):
