@@ -66,3 +66,11 @@ def test_task_loads_with_documented_sizes_and_labels(path):
     if task.config.type == "qa":  # carved by article: no article on both sides
         titles = {split: {e.title for e in loaded.examples[split]} for split in ("train", "validation")}
         assert not titles["train"] & titles["validation"]
+
+
+def test_missing_data_says_where_the_dataset_comes_from(tmp_path):
+    from multitask.errors import DataError
+
+    task = load_task(REPO / "tasks" / "sst2.yaml")
+    with pytest.raises(DataError, match=r"data file not found: .*MULTITASK_DATA_ROOT.*the dataset: GLUE SST-2"):
+        load_task_data(task, tmp_path, "tasks/sst2.yaml")

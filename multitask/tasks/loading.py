@@ -84,15 +84,18 @@ def _sources(config: TaskConfig) -> list[tuple[str, SplitSource]]:
     return [(split, getattr(config.data, split)) for split in SPLITS if getattr(config.data, split) is not None]
 
 
-def read_split(source: SplitSource, root: Path, where: str) -> list[Record]:
+def read_split(source: SplitSource, root: Path, where: str, origin: str = "") -> list[Record]:
+    """Read one split; a missing file says where the data root is and, from the task's description, where the
+    dataset comes from."""
     reader = READERS.get(source.format)
     path = None
     if source.path is not None:
         path = Path(source.path).expanduser()
         path = path if path.is_absolute() else root / path
         if not path.exists():
+            comes_from = f"; the dataset: {origin}" if origin else ""
             raise DataError(f"{where}: data file not found: {path} (data root {root}; set MULTITASK_DATA_ROOT "
-                            f"or the experiment's data_root to where the data lives)")
+                            f"or the experiment's data_root to where the data lives{comes_from})")
     options = from_dict(reader.options_type, source.options, source=where)
     records = reader.read(path, options)
     return records if source.limit is None else records[: source.limit]
@@ -101,7 +104,8 @@ def read_split(source: SplitSource, root: Path, where: str) -> list[Record]:
 def load_task_data(task: TaskType, root: Path, source: str = "<task>") -> LoadedTask:
     """Read every split, carving validation from train when asked; examples are validated against labels."""
     config = task.config
-    records = {split: read_split(s, root, f"{source}: data.{split}") for split, s in _sources(config)}
+    records = {split: read_split(s, root, f"{source}: data.{split}", config.description)
+               for split, s in _sources(config)}
     if config.data.carve is not None:
         carve = config.data.carve
         group = carve.group_field or "__index__"
