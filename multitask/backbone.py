@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
@@ -87,7 +85,3 @@ def encoder_fingerprint(model: torch.nn.Module) -> str:
         sample = flat[:: max(1, flat.numel() // 4096)]
         digest.update(sample.cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def is_local_dir(name: str) -> bool:
-    return Path(os.path.expanduser(name)).is_dir()
