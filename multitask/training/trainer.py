@@ -349,7 +349,7 @@ class Trainer:
             "run_name": self.experiment.name, "encoder": self.experiment.encoder.name,
             "method": self.experiment.method, "prefix_mode": self.experiment.prefix.mode,
             "steps": self.step, "best_step": self.best_step,
-            "wall_time_s": round(self.wall_time(), 1),
+            "wall_time_s": round(self.wall_time(), 3),
             "parameters": self.model.parameter_summary().render(),
             "trainable_parameters": self.model.parameter_summary().trainable,
             "encoder_parameters": self.model.parameter_summary().encoder,
