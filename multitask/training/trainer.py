@@ -345,14 +345,15 @@ class Trainer:
         results = self.evaluate_all(splits)
         if not distributed.is_main():
             return None
+        parameters = self.model.parameter_summary()
         report = RunReport(tasks={}, meta={
             "run_name": self.experiment.name, "encoder": self.experiment.encoder.name,
             "method": self.experiment.method, "prefix_mode": self.experiment.prefix.mode,
             "steps": self.step, "best_step": self.best_step,
             "wall_time_s": round(self.wall_time(), 3),
-            "parameters": self.model.parameter_summary().render(),
-            "trainable_parameters": self.model.parameter_summary().trainable,
-            "encoder_parameters": self.model.parameter_summary().encoder,
+            "parameters": parameters.render(),
+            "trainable_parameters": parameters.trainable,
+            "encoder_parameters": parameters.encoder,
             "train_examples_seen": self.examples_seen,
             "peak_rss_bytes": rss_bytes("VmHWM"),
             "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if self.device.type == "cuda" else None,
