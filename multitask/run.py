@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from multitask.backbone import encoder_fingerprint, load_encoder
+from multitask.backbone import encoder_fingerprint, encoder_shape, load_encoder
 from multitask.config import from_dict
 from multitask.data.root import data_root
 from multitask.errors import CheckpointError, ConfigError, DataError
@@ -18,7 +18,7 @@ from multitask.model import MultiTaskModel
 from multitask.prefix.bank import PrefixLayout
 from multitask.prefix.config import PrefixConfig
 from multitask.reporting import RunReport, TaskReport, write_reports
-from multitask.runtime import add_lora, load_tokenizer
+from multitask.runtime import add_lora, build_heads, load_tokenizer
 from multitask.tasks.base import TaskType
 from multitask.tasks.config import SplitSource, TaskConfig
 from multitask.tasks.loading import load_task_data, read_split, task_type_from_config
@@ -26,7 +26,6 @@ from multitask.training.checkpoint import read_checkpoint
 from multitask.training.evaluation import evaluate
 from multitask.training.trainer import resolve_device
 from multitask.utils.atomic import write_jsonl
-from multitask.heads import HEADS
 
 
 @dataclass
@@ -62,8 +61,7 @@ class TrainedRun:
 
 
 def _rebuild_model(meta: dict[str, Any], tasks: dict[str, TaskType], encoder) -> MultiTaskModel:
-    hidden = encoder.config.hidden_size
-    heads = {name: HEADS.get(t.head_kind)(t.config.head, hidden, t.num_outputs) for name, t in tasks.items()}
+    heads = build_heads(list(tasks.values()), encoder_shape(encoder.config).hidden_size)
     saved = meta["prefix_layout"]
     layout = None
     if saved["task_prefixes"]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from multitask.backbone import encoder_shape, resolve_encoder_name
@@ -99,10 +100,14 @@ def prepare_tasks(
     return runtimes
 
 
+def build_heads(tasks: list[TaskType], hidden_size: int) -> dict[str, torch.nn.Module]:
+    """One head per task, of the kind its type asks for, with the task's head settings."""
+    return {t.config.name: HEADS.get(t.head_kind)(t.config.head, hidden_size, t.num_outputs) for t in tasks}
+
+
 def build_model(experiment: ExperimentConfig, tasks: list[TaskType], encoder: PreTrainedModel) -> MultiTaskModel:
     """Heads for every task, plus the prefix bank for the prefix method (none for a linear probe or full FT)."""
-    hidden = encoder_shape(encoder.config).hidden_size
-    heads = {t.config.name: HEADS.get(t.head_kind)(t.config.head, hidden, t.num_outputs) for t in tasks}
+    heads = build_heads(tasks, encoder_shape(encoder.config).hidden_size)
     layout = None
     if experiment.method == "prefix":
         requests = [TaskPrefixRequest(t.config.name, t.config.prefix.group, t.config.prefix.length) for t in tasks]

@@ -27,11 +27,10 @@ def _widen_mask(mask: torch.Tensor | None, prefix: PrefixKV, query: torch.Tensor
     """Allow each query to see its example's visible prefix positions in front of the original keys."""
     if mask is None and prefix.fully_visible:
         return None
-    batch, q_len, key_len = query.shape[0], query.shape[2], None
+    batch, q_len = query.shape[0], query.shape[2]
     visible = prefix.mask[:, None, None, :]  # (B, 1, 1, P)
-    if mask is None:
-        key_len = q_len
-        mask = torch.ones(batch, 1, q_len, key_len, dtype=torch.bool, device=query.device)
+    if mask is None:  # self-attention without padding: every key of the input is visible
+        mask = torch.ones(batch, 1, q_len, q_len, dtype=torch.bool, device=query.device)
     if mask.dtype == torch.bool:
         visible = visible.expand(batch, 1, mask.shape[2], -1)
         return torch.cat([visible, mask.expand(batch, -1, -1, -1)], dim=-1)
