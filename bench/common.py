@@ -72,7 +72,7 @@ def setup(args: argparse.Namespace) -> torch.device:
 def build_model(encoder_name: str, heads: dict[str, HeadSpec], prefix: PrefixConfig | None) -> MultiTaskModel:
     """The model of the package in training mode: frozen encoder + one prefix per task, or (``prefix=None``)
     full fine-tuning of the same encoder with the same heads and no prefix."""
-    encoder = load_encoder(encoder_name)
+    encoder = load_encoder(encoder_name, with_pooler=any(config.pooling == "pooler" for _, config, _ in heads.values()))
     hidden = encoder_shape(encoder.config).hidden_size
     built = {name: HEADS.get(kind)(config, hidden, outputs) for name, (kind, config, outputs) in heads.items()}
     if prefix is None:

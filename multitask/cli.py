@@ -114,7 +114,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     experiment = _load_experiment(args.config, args.set)
     output_dir = Path(args.output_dir or Path("runs") / f"{experiment.name}-compare")
     _setup_logging(output_dir)
-    compare(experiment, methods, output_dir, config_path=Path(args.config), in_process=args.in_process)
+    compare(experiment, methods, output_dir, config_path=Path(args.config), in_process=args.in_process,
+            budget_minutes=args.budget_minutes)
     print((output_dir / "comparison.md").read_text(encoding="utf-8"))
     print(f"comparison written to {output_dir} (comparison.json, comparison.md, comparison.png, runs/)")
 
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated subset of the methods")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     compare.add_argument("--output-dir")
+    compare.add_argument("--budget-minutes", type=float, default=None,
+                         help="give every method this much training time (not counting tokenisation and evaluation) "
+                              "instead of the config's step count; comparison.md then shows learning curves")
     compare.add_argument("--in-process", action="store_true",
                          help="train every method in this process (peak memory is then not per method)")
     compare.set_defaults(func=cmd_compare)

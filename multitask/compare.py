@@ -61,6 +61,26 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
+# Evaluations along a time budget: enough points for a learning curve, few enough to keep evaluation cheap.
+CURVE_POINTS = 6
+
+
+def with_budget(experiment: ExperimentConfig, minutes: float) -> ExperimentConfig:
+    """The same experiment trained for ``minutes`` of training time instead of a step count, evaluated
+    ``CURVE_POINTS`` times along the way (its learning curve against time)."""
+    optimization = dataclasses.replace(experiment.optimization, max_minutes=minutes, max_steps=None, epochs=None)
+    evaluation = dataclasses.replace(experiment.evaluation, every_steps=None, every_minutes=minutes / CURVE_POINTS)
+    return dataclasses.replace(experiment, optimization=optimization, evaluation=evaluation)
+
+
+def _split_budget(runs: list[tuple[str, ExperimentConfig]]) -> list[tuple[str, ExperimentConfig]]:
+    """A method of several runs (prefix_single) shares one time budget: each run gets an equal part."""
+    if len(runs) < 2 or runs[0][1].optimization.max_minutes is None:
+        return runs
+    return [(label, with_budget(experiment, experiment.optimization.max_minutes / len(runs)))
+            for label, experiment in runs]
+
+
 def method_experiment(base: ExperimentConfig, method: str, config_path: Path | None) -> list[tuple[str, ExperimentConfig]]:
     """The method's runs: its strategy applied, then its overrides from ``method_overrides``, task files absolute."""
     from multitask.tasks.loading import deep_merge
@@ -72,7 +92,7 @@ def method_experiment(base: ExperimentConfig, method: str, config_path: Path | N
         overrides = base.method_overrides.get(method, {})
         data = deep_merge(to_dict(experiment), overrides)
         runs.append((label, from_dict(ExperimentConfig, data, source=f"method_overrides.{method}")))
-    return runs
+    return _split_budget(runs)
 
 
 def run_subprocess(experiment: ExperimentConfig, run_dir: Path) -> Path:
@@ -109,12 +129,16 @@ def collect(run_dirs: list[Path], split: str) -> dict[str, Any]:
         report = load_report(run_dir / "report.json")
         meta = report.meta
         wall = float(meta.get("wall_time_s") or 0.0)
+        minutes_at = {int(step): minutes for step, minutes in (meta.get("evaluation_minutes") or {}).items()}
         for name, task in report.tasks.items():
             result = task.splits.get(split)
             tasks[name] = {
                 "main_metric": task.main_metric,
                 "score": None if result is None else result.scores[task.main_metric],
+                "curve": [[minutes_at[step], value] for step, s, value in task.metric_history
+                          if s == split and step in minutes_at],
                 "wall_time_s": wall,
+                "train_time_s": meta.get("train_time_s"),
                 "examples_per_s": (meta.get("train_examples_seen") or 0) / wall if wall else None,
                 "peak_rss_bytes": meta.get("peak_rss_bytes"),
                 "peak_gpu_memory_bytes": meta.get("peak_gpu_memory_bytes"),
@@ -128,13 +152,19 @@ def collect(run_dirs: list[Path], split: str) -> dict[str, Any]:
 
 def compare(
     experiment: ExperimentConfig, methods: list[str], output_dir: Path, config_path: Path | None = None,
-    in_process: bool = False, encoder_factory=None, tokenizer=None,
+    in_process: bool = False, encoder_factory=None, tokenizer=None, budget_minutes: float | None = None,
 ) -> dict[str, Any]:
-    """Train every method and write comparison.json, comparison.md and comparison.png."""
+    """Train every method and write comparison.json, comparison.md and comparison.png. With ``budget_minutes``
+    every method gets the same training time (and a learning curve against it) instead of the same steps."""
     from multitask.reporting.comparison import render_comparison_markdown, render_comparison_plot
 
+    if budget_minutes is not None:
+        if budget_minutes <= 0:
+            raise ConfigError(f"--budget-minutes must be > 0, got {budget_minutes}")
+        experiment = with_budget(experiment, budget_minutes)
     split = experiment.evaluation.splits[0]
-    results: dict[str, Any] = {"split": split, "experiment": experiment.name, "methods": {}}
+    results: dict[str, Any] = {"split": split, "experiment": experiment.name, "methods": {},
+                               "budget_minutes": budget_minutes}
     started = time.perf_counter()
     for method in methods:
         run_dirs = []

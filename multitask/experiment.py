@@ -44,32 +44,60 @@ class SamplerConfig:
 
 @dataclass
 class OptimizationConfig:
-    max_steps: int | None = field(default=None, metadata={"help": "Optimiser steps to train (or use epochs)."})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Optimiser steps to train (or use epochs, or max_minutes; with max_minutes, "
+                                "a cap on steps)."}
+    )
+    max_minutes: float | None = field(
+        default=None,
+        metadata={"help": "Training-time budget in minutes: the LR schedule runs over the fraction of the budget used "
+                  "and training stops at the first step past it. Only training steps count: loading, tokenisation "
+                  "and evaluation are timed apart (report meta)."},
+    )
     epochs: float | None = field(
         default=None, metadata={"help": "Train until the largest task has seen this many passes (if no max_steps)."}
     )
     batch_size: int = field(default=32, metadata={"help": "Default per-task batch size."})
-    prefix_lr: float = field(default=1e-2, metadata={"help": "Learning rate of prefix parameters."})
-    head_lr: float = field(default=1e-3, metadata={"help": "Learning rate of head parameters."})
+    prefix_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of every prefix (unset: each task type's default)."}
+    )
+    head_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of every head (unset: each task type's default for prefix "
+                                "tuning, 1e-3 for the other methods)."}
+    )
     encoder_lr: float = field(default=3e-5, metadata={"help": "Learning rate of encoder weights (full fine-tuning only)."})
     lora_lr: float = field(default=5e-4, metadata={"help": "Learning rate of LoRA weights (method: lora)."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)."})
-    warmup_ratio: float = field(default=0.06, metadata={"help": "Share of steps with linear warm-up."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)."})
+    warmup_ratio: float | None = field(
+        default=None, metadata={"help": "Share of training with linear warm-up (unset: the longest of the task types' "
+                                "defaults)."}
+    )
     schedule: Literal["linear", "cosine", "constant"] = field(default="linear", metadata={"help": "LR decay."})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping (null: none)."})
     grad_accumulation: int = field(default=1, metadata={"help": "Batches (of the step's task) per optimiser step."})
     length_grouped: bool = field(default=True, metadata={"help": "Group similar lengths into batches (less padding)."})
+    group_spread: int = field(
+        default=1,
+        metadata={"help": "With length_grouped: examples are sorted by length in windows of 50 batches, then shuffled "
+                  "within runs of this many sorted batches (1: strictly sorted, least padding; larger: more "
+                  "diverse batches, a little more padding)."},
+    )
 
     def __post_init__(self) -> None:
-        if self.max_steps is None and self.epochs is None:
-            raise ValueError("set max_steps or epochs")
+        if self.max_steps is None and self.epochs is None and self.max_minutes is None:
+            raise ValueError("set max_steps, epochs or max_minutes")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.grad_accumulation < 1 or self.batch_size < 1:
             raise ValueError("batch_size and grad_accumulation must be >= 1")
 
 
 @dataclass
 class EvaluationConfig:
-    every_steps: int = field(default=200, metadata={"help": "Evaluate on the validation splits every N steps."})
+    every_steps: int | None = field(default=200, metadata={"help": "Evaluate on the validation splits every N steps."})
+    every_minutes: float | None = field(
+        default=None, metadata={"help": "Also evaluate every N minutes of training time (learning curves against time)."}
+    )
     splits: list[str] = field(default_factory=lambda: ["validation"], metadata={"help": "Splits to evaluate."})
     batch_size: int = field(default=64, metadata={"help": "Evaluation batch size."})
     early_stopping_patience: int | None = field(
@@ -113,7 +141,11 @@ class ExperimentConfig:
     )
     sampler: SamplerConfig = field(default_factory=SamplerConfig, metadata={"help": "Multi-task sampler."})
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"help": "Evaluation cadence."})
-    precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={"help": "Autocast precision."})
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        default="auto",
+        metadata={"help": "Autocast precision. auto: bf16 where the device computes it natively (CUDA with bf16, a "
+                  "CPU with AVX512-BF16 or AMX), else fp32; the log and the report say which."},
+    )
     device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda[:N]."})
     seed: int = field(default=13, metadata={"help": "Seed of everything random (sampler, shuffles, init, dropout)."})
     data_root: str | None = field(

@@ -9,7 +9,9 @@ from typing import Any
 
 import torch
 
-from multitask.backbone import encoder_fingerprint, encoder_shape, load_encoder
+from multitask.backbone import (
+    encoder_fingerprint, encoder_shape, fingerprint_matches, is_legacy_fingerprint, load_encoder,
+)
 from multitask.config import from_dict
 from multitask.data.root import data_root
 from multitask.errors import CheckpointError, ConfigError, DataError
@@ -78,23 +80,33 @@ def load_run(run_dir: str | Path, encoder=None, tokenizer=None, device: str = "a
     meta, weights = read_checkpoint(run_dir)
     experiment = from_dict(ExperimentConfig, meta["experiment"], source=f"{run_dir}/checkpoint/meta.json")
     name = meta["encoder"]["name"]
-    if encoder is None:
-        encoder = load_encoder(name, experiment.encoder.attention)
-    if meta["method"] != "full_ft" and encoder_fingerprint(encoder) != meta["encoder"]["fingerprint"]:
-        raise CheckpointError(f"{run_dir}: this run was trained on encoder {name!r} with fingerprint "
-                              f"{meta['encoder']['fingerprint']}, but the encoder given has fingerprint "
-                              f"{encoder_fingerprint(encoder)}; load it with the same encoder")
     tasks = {}
     for saved in meta["tasks"]:
         config = from_dict(TaskConfig, saved["config"], source=f"{run_dir}/checkpoint/meta.json")
         task = task_type_from_config(config, f"{run_dir}/checkpoint/meta.json")
         task.labels = list(saved["labels"])
         tasks[config.name] = task
+    fingerprint = meta["encoder"]["fingerprint"]
+    checked = meta["method"] != "full_ft"
+    # Fingerprints saved before v2 hashed the pooler too: checking one needs the checkpoint's pooler loaded.
+    legacy = checked and is_legacy_fingerprint(fingerprint)
+    if encoder is None:
+        encoder = load_encoder(name, experiment.encoder.attention,
+                               with_pooler=any(t.config.head.pooling == "pooler" for t in tasks.values()),
+                               checkpoint_pooler=legacy)
+    if checked and not fingerprint_matches(encoder, fingerprint):
+        hint = ("; an older version saved this fingerprint over the pooler too, a random one where the checkpoint "
+                "ships none: such a run cannot be checked, retrain it") if legacy else ""
+        raise CheckpointError(f"{run_dir}: this run was trained on encoder {name!r} with fingerprint "
+                              f"{fingerprint}, but the encoder given has fingerprint "
+                              f"{encoder_fingerprint(encoder)}; load it with the same encoder{hint}")
     model = _rebuild_model(meta, tasks, encoder)
     if experiment.method == "lora":
         add_lora(model.encoder, experiment.lora)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     trained_missing = [k for k in missing if not k.startswith("encoder.")]
+    # Fully fine-tuned runs saved before the pooler was left out carry its weights; no head of theirs reads it.
+    unexpected = [k for k in unexpected if not k.startswith("encoder.pooler.")]
     if trained_missing or unexpected:
         raise CheckpointError(f"{run_dir}: checkpoint does not match its own meta.json "
                               f"(missing {trained_missing[:3]}, unexpected {unexpected[:3]})")

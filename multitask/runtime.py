@@ -20,6 +20,7 @@ from multitask.model import MultiTaskModel
 from multitask.prefix.bank import TaskPrefixRequest, plan_layout
 from multitask.tasks.base import Feature, TaskType
 from multitask.tasks.loading import load_task, load_task_data
+from multitask.tuning import TaskTuning, resolve_tuning
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +106,20 @@ def build_heads(tasks: list[TaskType], hidden_size: int) -> dict[str, torch.nn.M
     return {t.config.name: HEADS.get(t.head_kind)(t.config.head, hidden_size, t.num_outputs) for t in tasks}
 
 
+def prefix_requests(tasks: list[TaskType], tunings: dict[str, TaskTuning]) -> list[TaskPrefixRequest]:
+    return [
+        TaskPrefixRequest(t.config.name, t.config.prefix.group, tunings[t.config.name].prefix_length,
+                          tunings[t.config.name].reparameterize, tunings[t.config.name].prefix_dropout)
+        for t in tasks
+    ]
+
+
 def build_model(experiment: ExperimentConfig, tasks: list[TaskType], encoder: PreTrainedModel) -> MultiTaskModel:
     """Heads for every task, plus the prefix bank for the prefix method (none for a linear probe or full FT)."""
     heads = build_heads(tasks, encoder_shape(encoder.config).hidden_size)
     layout = None
     if experiment.method == "prefix":
-        requests = [TaskPrefixRequest(t.config.name, t.config.prefix.group, t.config.prefix.length) for t in tasks]
-        layout = plan_layout(experiment.prefix, requests)
+        layout = plan_layout(experiment.prefix, prefix_requests(tasks, resolve_tuning(experiment, tasks)))
     model = MultiTaskModel(encoder, heads, layout, freeze_encoder=experiment.method != "full_ft")
     if experiment.method == "lora":
         add_lora(model.encoder, experiment.lora)

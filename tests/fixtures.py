@@ -105,5 +105,6 @@ data_root: {data}
 output_dir: {root / "runs" / "tiny"}
 cache_dir: {root / "cache"}
 seed: 3
+precision: fp32
 """.lstrip(), encoding="utf-8")
     return config

@@ -13,6 +13,7 @@ from multitask.errors import ConfigError
 from multitask.experiment import ExperimentConfig
 from multitask.runtime import build_model, load_tasks
 from multitask.training.optim import build_optimizer
+from multitask.tuning import resolve_tuning
 from tests.fixtures import write_project
 from tests.tiny import tiny_encoder
 
@@ -25,7 +26,7 @@ def trained_names_after_steps(method: str, config_path) -> tuple[set[str], set[s
         task.labels = task.labels or (["O", "B-PER", "I-PER", "B-LOC"] if task.config.type == "ner" else ["0", "1"])
     model = build_model(experiment, tasks, tiny_encoder("bert"))
     before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
-    optimizer = build_optimizer(model, experiment.optimization)
+    optimizer = build_optimizer(model, experiment.optimization, resolve_tuning(experiment, tasks))
     inputs = torch.randint(5, 60, (4, 8))
     for _ in range(2):
         optimizer.zero_grad()

@@ -220,3 +220,14 @@ def test_parameter_summary_counts_trainable_parts():
     assert summary.encoder_trainable == 0
     assert summary.trainable == sum(p.numel() for p in model.trainable_parameters())
     assert "% of encoder" in summary.render()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eager_and_sdpa_agree_without_padding_on_mixed_prefix_lengths(kind):
+    # No padding mask at all, but tasks with prefixes of different lengths: the eager kernel adds its mask to the
+    # scores, so the widened mask must be additive there (a bool one would leave padded prefix slots visible).
+    inputs = batch([0, 1, 2, 1], pad_rows=())
+    with torch.no_grad():
+        sdpa = build_model(kind, "per_task", attention="sdpa", lengths=(2, 5, 3)).encode(inputs).hidden_states
+        eager = build_model(kind, "per_task", attention="eager", lengths=(2, 5, 3)).encode(inputs).hidden_states
+    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)

@@ -28,6 +28,7 @@ class HeadConfig:
     hidden_size: int | None = field(
         default=None, metadata={"help": "Add one Tanh hidden layer of this width before the output layer."}
     )
+    lr: float | None = field(default=None, metadata={"help": "Learning rate of this head (default: the task type's)."})
 
 
 def output_layers(config: HeadConfig, in_features: int, out_features: int) -> torch.nn.Sequential:

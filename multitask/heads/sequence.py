@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from multitask.errors import ConfigError
 from multitask.heads.base import HEADS, EncoderOutput, HeadConfig, output_layers
 
 
@@ -17,7 +18,8 @@ class SequenceHead(nn.Module):
     def pool(self, encoded: EncoderOutput) -> torch.Tensor:
         if self.pooling == "pooler":
             if encoded.pooled is None:
-                raise ValueError("pooling 'pooler' needs an encoder with a pooler layer; use 'cls' or 'mean'")
+                raise ConfigError("pooling 'pooler' needs an encoder loaded with its pooler layer (load_encoder(..., "
+                                  "with_pooler=True)); or use pooling 'cls' or 'mean'")
             return encoded.pooled
         if self.pooling == "mean":
             weights = encoded.attention_mask.unsqueeze(-1).to(encoded.hidden_states.dtype)

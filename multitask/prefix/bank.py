@@ -16,13 +16,34 @@ SHARED = "shared"
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
+# Settings a prefix falls back to when neither the experiment nor a task names them (direct library use).
+FALLBACK = PrefixConfig(length=16, reparameterize=False, dropout=0.0)
+
+
 @dataclass(frozen=True)
 class TaskPrefixRequest:
-    """What one task asks of the bank (from its task YAML): an optional group and length."""
+    """What one task asks of the bank: an optional group, and its resolved length, reparameterisation and dropout
+    (see :mod:`multitask.tuning`); unset values fall back to the bank's default prefix settings."""
 
     task: str
     group: str | None = None
     length: int | None = None
+    reparameterize: bool | None = None
+    dropout: float | None = None
+
+
+def _settle(default: PrefixConfig, requests: list[TaskPrefixRequest], length: int | None = None) -> PrefixConfig:
+    """One prefix's settings from the tasks that use it: the longest length, reparameterised if any task asks,
+    the largest dropout; what no task sets comes from the bank's default prefix settings."""
+    def pick(name: str, combine, override=None):
+        values = [getattr(r, name) for r in requests if getattr(r, name) is not None]
+        for candidate in (override, combine(values) if values else None, getattr(default, name)):
+            if candidate is not None:
+                return candidate
+        return getattr(FALLBACK, name)
+
+    return replace(default, length=pick("length", max, length), reparameterize=pick("reparameterize", any),
+                   dropout=pick("dropout", max))
 
 
 @dataclass(frozen=True)
@@ -36,32 +57,29 @@ class PrefixLayout:
 def plan_layout(config: PrefixBankConfig, requests: list[TaskPrefixRequest]) -> PrefixLayout:
     """Turn the prefix mode and the tasks' requests into named prefixes (shared/per_task/hybrid/groups)."""
     default = config.prefix
-
-    def sized(length: int | None) -> PrefixConfig:
-        return default if length is None else replace(default, length=length)
-
     prefixes: dict[str, PrefixConfig] = {}
     task_prefixes: dict[str, tuple[str, ...]] = {}
     for request in requests:
         if not _NAME.match(request.task):
             raise ConfigError(f"task name {request.task!r}: expected letters, digits, '_' or '-'")
         if config.mode == "shared":
-            prefixes[SHARED] = default
+            prefixes[SHARED] = _settle(default, requests)
             task_prefixes[request.task] = (SHARED,)
         elif config.mode == "per_task":
-            prefixes[f"task_{request.task}"] = sized(request.length)
+            prefixes[f"task_{request.task}"] = _settle(default, [request])
             task_prefixes[request.task] = (f"task_{request.task}",)
         elif config.mode == "hybrid":
-            prefixes[SHARED] = sized(config.shared_length)
-            prefixes[f"task_{request.task}"] = sized(request.length)
+            prefixes[SHARED] = _settle(default, requests, config.shared_length)
+            prefixes[f"task_{request.task}"] = _settle(default, [request])
             task_prefixes[request.task] = (SHARED, f"task_{request.task}")
         else:  # groups: tasks naming the same group share one prefix; a task without a group gets its own
             group = request.group or request.task
             name = f"group_{group}"
-            length = config.group_lengths.get(group, request.length)
-            if name in prefixes and length is not None and prefixes[name].length != length:
+            members = [r for r in requests if (r.group or r.task) == group]
+            explicit = {r.length for r in members if r.length is not None}
+            if group not in config.group_lengths and len(explicit) > 1:
                 raise ConfigError(f"group {group!r}: tasks ask for different prefix lengths")
-            prefixes.setdefault(name, sized(length))
+            prefixes.setdefault(name, _settle(default, members, config.group_lengths.get(group)))
             task_prefixes[request.task] = (name,)
     return PrefixLayout(prefixes, task_prefixes)
 

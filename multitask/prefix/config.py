@@ -8,21 +8,44 @@ from typing import Literal
 
 @dataclass
 class PrefixConfig:
-    length: int = field(default=16, metadata={"help": "Number of virtual tokens prepended to every layer's keys/values."})
-    reparameterize: bool = field(
-        default=True,
-        metadata={"help": "Produce the prefix through embedding -> Linear -> Tanh -> Linear (faster, stabler training)."},
+    length: int | None = field(
+        default=None,
+        metadata={"help": "Number of virtual tokens prepended to every layer's keys/values (unset: the task type's "
+                  "default; see docs/tuning.md)."},
+    )
+    reparameterize: bool | None = field(
+        default=None,
+        metadata={"help": "Produce the prefix through embedding -> Linear -> Tanh -> Linear (unset: the task type's "
+                  "default)."},
     )
     mlp_hidden_size: int = field(default=512, metadata={"help": "Hidden width of the reparameterisation MLP."})
-    dropout: float = field(default=0.1, metadata={"help": "Dropout applied to prefix keys/values while training."})
-    init: Literal["normal", "uniform"] = field(default="normal", metadata={"help": "Initialisation of the prefix embedding."})
-    init_std: float = field(default=0.02, metadata={"help": "Std (normal) or half-range (uniform) of the initialisation."})
+    dropout: float | None = field(
+        default=None, metadata={"help": "Dropout on prefix keys/values while training (unset: the task type's default)."}
+    )
+    init: Literal["normal", "uniform", "vocab"] = field(
+        default="normal",
+        metadata={"help": "Initial keys/values: normal or uniform random at the scale init_std, or vocab: the frozen "
+                  "encoder's own keys/values of real tokens (init_words, else the training data's most frequent "
+                  "tokens), as Li & Liang initialise prefixes from activations of real words."},
+    )
+    init_std: float | None = field(
+        default=None,
+        metadata={"help": "Std of the initial keys/values (normal, uniform). Unset: the encoder's own key/value std, "
+                  "measured per layer on real tokens (keys and values separately)."},
+    )
+    init_words: list[str] = field(
+        default_factory=list,
+        metadata={"help": "init: vocab: words whose activations start the virtual tokens, in order; the rest (if "
+                  "fewer tokens than the prefix length) are the training data's most frequent tokens."},
+    )
 
     def __post_init__(self) -> None:
-        if self.length < 0:
+        if self.length is not None and self.length < 0:
             raise ValueError(f"length must be >= 0, got {self.length}")
-        if not 0.0 <= self.dropout < 1.0:
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.init_std is not None and self.init_std <= 0:
+            raise ValueError(f"init_std must be > 0, got {self.init_std}")
         if self.mlp_hidden_size < 1:
             raise ValueError(f"mlp_hidden_size must be >= 1, got {self.mlp_hidden_size}")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -14,6 +16,8 @@ class PrefixEncoder(nn.Module):
     Output shape: ``(num_layers, 2, num_heads, length, head_dim)`` where index 0/1 of dim 1 is key/value.
     With ``reparameterize`` the values come from a small MLP over a prefix embedding (P-Tuning v2's
     reparameterisation); :meth:`fold` evaluates the MLP once and returns an equivalent flat encoder.
+    Both kinds start from the same initial keys/values (:meth:`set_initial`), so the virtual tokens start as
+    distinct as the chosen initialisation makes them.
     """
 
     def __init__(self, config: PrefixConfig, num_layers: int, num_heads: int, head_dim: int) -> None:
@@ -31,13 +35,33 @@ class PrefixEncoder(nn.Module):
         else:
             self.embedding = nn.Parameter(torch.empty(config.length, out_dim))
             self.mlp = None
-        self._init_embedding()
+        # Until an encoder-aware initialiser (multitask.prefix.initialization) sets real scales or activations,
+        # start from random keys/values at init_std (unit scale when that is left to the encoder).
+        self.set_initial(random_key_values(config, self.kv_shape, scale=config.init_std or 1.0))
 
-    def _init_embedding(self) -> None:
-        if self.config.init == "normal":
-            nn.init.normal_(self.embedding, std=self.config.init_std)
-        else:
-            nn.init.uniform_(self.embedding, -self.config.init_std, self.config.init_std)
+    @property
+    def kv_shape(self) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, 2, self.num_heads, self.length, self.head_dim)
+
+    @torch.no_grad()
+    def set_initial(self, kv: torch.Tensor) -> None:
+        """Make the encoder output exactly ``kv`` (shape :attr:`kv_shape`).
+
+        Flat: the embedding is ``kv``. Reparameterised: a fresh N(0, 1) embedding through the first layer, and the
+        output layer solved by least squares (zero bias) so the MLP reproduces ``kv``. PyTorch's default output bias
+        would otherwise dominate a small embedding and start every virtual token as the same vector.
+        """
+        target = kv.permute(3, 0, 1, 2, 4).reshape(self.length, self.embedding.shape[1] if self.mlp is None
+                                                   else self.mlp[2].out_features).to(self.embedding)
+        if self.length == 0:
+            return
+        if self.mlp is None:
+            self.embedding.copy_(target)
+            return
+        nn.init.normal_(self.embedding)
+        hidden = torch.tanh(self.mlp[0](self.embedding))
+        self.mlp[2].weight.copy_((torch.linalg.pinv(hidden) @ target).T)
+        self.mlp[2].bias.zero_()
 
     def forward(self) -> torch.Tensor:
         flat = self.embedding if self.mlp is None else self.mlp(self.embedding)
@@ -52,3 +76,12 @@ class PrefixEncoder(nn.Module):
         flat = self.embedding if self.mlp is None else self.mlp(self.embedding)
         folded.embedding.copy_(flat)
         return folded.to(self.embedding.device)
+
+
+def random_key_values(config: PrefixConfig, shape: tuple[int, ...], scale: float | torch.Tensor) -> torch.Tensor:
+    """Random keys/values with standard deviation ``scale`` (a number, or a tensor broadcast over ``shape``)."""
+    if config.init == "uniform":
+        unit = (torch.rand(shape) * 2 - 1) * math.sqrt(3.0)  # uniform with unit variance
+    else:
+        unit = torch.randn(shape)
+    return unit * scale

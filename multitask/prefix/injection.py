@@ -23,30 +23,44 @@ from multitask.prefix.bank import PrefixKV
 PREFIX_ATTENTION = {"sdpa": "multitask_prefix_sdpa", "eager": "multitask_prefix_eager"}
 
 
-def _widen_mask(mask: torch.Tensor | None, prefix: PrefixKV, query: torch.Tensor) -> torch.Tensor | None:
-    """Allow each query to see its example's visible prefix positions in front of the original keys."""
+def _widen_mask(
+    mask: torch.Tensor | None, prefix: PrefixKV, query: torch.Tensor, additive: bool
+) -> torch.Tensor | None:
+    """Allow each query to see its example's visible prefix positions in front of the original keys.
+
+    ``additive``: the attention kernel adds the mask to its scores (eager), so a mask built here must be a float
+    mask of 0 / -inf, never a bool one (which would be added as 0 / 1 and leave masked prefix slots visible).
+    """
     if mask is None and prefix.fully_visible:
         return None
     batch, q_len = query.shape[0], query.shape[2]
     visible = prefix.mask[:, None, None, :]  # (B, 1, 1, P)
     if mask is None:  # self-attention without padding: every key of the input is visible
-        mask = torch.ones(batch, 1, q_len, q_len, dtype=torch.bool, device=query.device)
+        if additive:
+            mask = torch.zeros(batch, 1, q_len, q_len, dtype=query.dtype, device=query.device)
+        else:
+            mask = torch.ones(batch, 1, q_len, q_len, dtype=torch.bool, device=query.device)
     if mask.dtype == torch.bool:
         visible = visible.expand(batch, 1, mask.shape[2], -1)
         return torch.cat([visible, mask.expand(batch, -1, -1, -1)], dim=-1)
     blocked = torch.finfo(mask.dtype).min
-    additive = torch.zeros_like(visible, dtype=mask.dtype).masked_fill(~visible, blocked)
-    additive = additive.expand(batch, 1, mask.shape[2], -1)
-    return torch.cat([additive, mask.expand(batch, -1, -1, -1)], dim=-1)
+    prefix_part = torch.zeros_like(visible, dtype=mask.dtype).masked_fill(~visible, blocked)
+    prefix_part = prefix_part.expand(batch, 1, mask.shape[2], -1)
+    return torch.cat([prefix_part, mask.expand(batch, -1, -1, -1)], dim=-1)
 
 
-def _with_prefix(base: Callable) -> Callable:
-    def attention(module, query, key, value, attention_mask, prefix_kv: PrefixKV | None = None, **kwargs):
+def _with_prefix(base: Callable, additive_mask: bool) -> Callable:
+    def attention(
+        module, query, key, value, attention_mask, prefix_kv: PrefixKV | None = None,
+        kv_sink: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, **kwargs,
+    ):
+        if kv_sink is not None:  # the layer's own keys/values of real tokens (prefix initialisation reads them)
+            kv_sink[module.layer_idx] = (key.detach(), value.detach())
         if prefix_kv is not None:
             prefix_key, prefix_value = prefix_kv.layer(module.layer_idx)
             key = torch.cat([prefix_key.to(key.dtype), key], dim=2)
             value = torch.cat([prefix_value.to(value.dtype), value], dim=2)
-            attention_mask = _widen_mask(attention_mask, prefix_kv, query)
+            attention_mask = _widen_mask(attention_mask, prefix_kv, query, additive_mask)
         return base(module, query, key, value, attention_mask, **kwargs)
 
     return attention
@@ -54,8 +68,8 @@ def _with_prefix(base: Callable) -> Callable:
 
 def register_prefix_attention() -> None:
     """Idempotently register the prefix-aware attention functions and their mask builders."""
-    AttentionInterface.register(PREFIX_ATTENTION["sdpa"], _with_prefix(sdpa_attention_forward))
-    AttentionInterface.register(PREFIX_ATTENTION["eager"], _with_prefix(eager_attention_forward))
+    AttentionInterface.register(PREFIX_ATTENTION["sdpa"], _with_prefix(sdpa_attention_forward, additive_mask=False))
+    AttentionInterface.register(PREFIX_ATTENTION["eager"], _with_prefix(eager_attention_forward, additive_mask=True))
     AttentionMaskInterface.register(PREFIX_ATTENTION["sdpa"], sdpa_mask)
     AttentionMaskInterface.register(PREFIX_ATTENTION["eager"], eager_mask)
 

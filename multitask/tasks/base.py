@@ -18,6 +18,7 @@ from multitask.errors import ConfigError, DataError
 from multitask.metrics import MetricResult
 from multitask.registry import Registry
 from multitask.tasks.config import TaskConfig
+from multitask.tuning import TuningDefaults
 
 TASK_TYPES: Registry[type["TaskType"]] = Registry("task type")
 
@@ -69,6 +70,7 @@ class TaskType(ABC):
     default_main_metric: ClassVar[str]
     options_type: ClassVar[type | None] = None
     has_labels: ClassVar[bool] = True
+    tuning_defaults: ClassVar[TuningDefaults] = TuningDefaults()
 
     def __init__(self, config: TaskConfig, options: Any = None) -> None:
         self.config = config

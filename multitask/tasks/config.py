@@ -54,7 +54,10 @@ class TaskData:
 @dataclass
 class TaskPrefixSettings:
     group: str | None = field(default=None, metadata={"help": "Prefix group (groups mode): same group, same prefix."})
-    length: int | None = field(default=None, metadata={"help": "Prefix length for this task (default: experiment's)."})
+    length: int | None = field(default=None, metadata={"help": "Prefix length for this task (default: the type's)."})
+    reparameterize: bool | None = field(default=None, metadata={"help": "MLP reparameterisation (default: the type's)."})
+    dropout: float | None = field(default=None, metadata={"help": "Prefix dropout (default: the type's)."})
+    lr: float | None = field(default=None, metadata={"help": "Learning rate of this task's prefix (default: the type's)."})
 
 
 @dataclass

@@ -42,11 +42,14 @@ class TaskBatchStream:
         *,
         length_grouped: bool = False,
         lengths: list[int] | None = None,
+        group_spread: int = 1,
     ) -> None:
         if num_examples <= 0:
             raise ValueError(f"task {task!r}: no examples to batch")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if group_spread < 1:
+            raise ValueError(f"group_spread must be >= 1, got {group_spread}")
         if length_grouped and lengths is None:
             raise ValueError("length_grouped batching needs the example lengths")
         if lengths is not None and len(lengths) != num_examples:
@@ -56,6 +59,7 @@ class TaskBatchStream:
         self.batch_size = batch_size
         self.seed = seed
         self.length_grouped = length_grouped
+        self.group_spread = group_spread
         self._lengths = np.asarray(lengths) if lengths is not None else None
         self._epoch = 0
         self._position = 0
@@ -77,6 +81,11 @@ class TaskBatchStream:
         for start in range(0, self.num_examples, window):
             chunk = order[start : start + window]
             chunk = chunk[np.argsort(self._lengths[chunk], kind="stable")]
+            # Shuffling within runs of `group_spread` sorted batches keeps lengths close (little padding) while a
+            # batch no longer holds only near-identical inputs (e.g. all of a corpus's two-token headlines).
+            spread = self.batch_size * self.group_spread
+            if self.group_spread > 1:
+                chunk = np.concatenate([rng.permutation(chunk[s : s + spread]) for s in range(0, len(chunk), spread)])
             batches.extend(_split(chunk.tolist(), self.batch_size))
         return [batches[i] for i in rng.permutation(len(batches))]
 
@@ -98,11 +107,12 @@ class TaskBatchStream:
             "num_examples": self.num_examples,
             "batch_size": self.batch_size,
             "length_grouped": self.length_grouped,
+            "group_spread": self.group_spread,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Refuse a state saved under another task, data size or batching: its replayed passes would differ."""
-        saved = {key: state.get(key) for key in self._identity()}
+        saved = {key: state.get(key, 1 if key == "group_spread" else None) for key in self._identity()}
         if saved != self._identity():
             raise CheckpointError(f"saved batch stream {saved} does not match this one {self._identity()}")
         self._epoch = int(state["epoch"])

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from multitask.training.precision import resolve_precision
 from multitask.model import ModelInputs, MultiTaskModel
 from multitask.reporting.model import SplitResult
 from multitask.tasks.base import Batch, Feature, TaskType
@@ -28,6 +29,7 @@ class Evaluation:
 
 
 def autocast(device: torch.device, precision: str):
+    precision = resolve_precision(precision, device)[0]
     if precision == "fp32":
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

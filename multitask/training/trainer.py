@@ -26,14 +26,21 @@ from multitask.training.checkpoint import (
     load_training_state, save_checkpoint, save_training_state, trainable_state,
 )
 from multitask.training.evaluation import autocast, evaluate, to_inputs
-from multitask.training.optim import build_optimizer, build_scheduler
+from multitask.prefix.initialization import initialize_prefixes
+from multitask.training.optim import ProgressSchedule, build_optimizer
+from multitask.training.precision import resolve_precision
 from multitask.training.rng import restore_rng_state, rng_state, seed_everything
 from multitask.training.sampler import make_sampler
 from multitask.utils.memory import rss_bytes
 from multitask.utils.atomic import write_json, write_jsonl
+from multitask.tuning import log_tuning, resolve_tuning, run_warmup_ratio
 
 log = logging.getLogger(__name__)
 LOSS_WINDOW = 10
+# Training inputs per task whose token counts pick the frequent tokens that initialise prefixes.
+INIT_SAMPLE_FEATURES = 20000
+# Warm-up share of the first step under a time budget, where the number of steps is not known in advance.
+TIME_BUDGET_FIRST_STEP = 1e-3
 
 
 @dataclass
@@ -41,6 +48,7 @@ class History:
     loss: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     metric: dict[str, list[tuple[int, str, float]]] = field(default_factory=dict)
     pending_loss: dict[str, list[float]] = field(default_factory=dict)
+    eval_minutes: dict[int, float] = field(default_factory=dict)  # evaluated step -> training minutes so far
 
     def add_loss(self, task: str, step: int, value: float) -> None:
         window = self.pending_loss.setdefault(task, [])
@@ -56,12 +64,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def total_steps(experiment: ExperimentConfig, tasks: list[TaskRuntime], replicas: int) -> int:
+def total_steps(experiment: ExperimentConfig, tasks: list[TaskRuntime], replicas: int) -> float:
     """max_steps, or enough steps for ``epochs`` passes over every task's global batches (``replicas`` per-rank
-    batches each)."""
+    batches each); unbounded (inf) when only a time budget is set."""
     optimization = experiment.optimization
     if optimization.max_steps is not None:
         return optimization.max_steps
+    if optimization.epochs is None:
+        return math.inf
     batches = sum(math.ceil(len(t.features["train"]) / (t.batch_size * replicas)) for t in tasks)
     return max(1, int(optimization.epochs * batches / optimization.grad_accumulation))
 
@@ -91,6 +101,7 @@ class Trainer:
     ) -> None:
         self.experiment, self.run_dir, self.resume = experiment, Path(run_dir), resume
         self.progress, self.on_step = progress, on_step
+        preparation_started = time.perf_counter()
         self._check_run_dir()
         saved = self._saved_state() if resume else None
         if experiment.num_threads:
@@ -106,24 +117,38 @@ class Trainer:
         for runtime in self.tasks:
             if not runtime.features.get("train"):
                 raise ConfigError(f"task {runtime.name!r} has no training data")
-        encoder = encoder if encoder is not None else load_encoder(experiment.encoder.name, experiment.encoder.attention)
+        self.tunings = resolve_tuning(experiment, [t.task for t in self.tasks])
+        log_tuning(self.tunings)
+        encoder = encoder if encoder is not None else load_encoder(
+            experiment.encoder.name, experiment.encoder.attention,
+            with_pooler=any(t.task.config.head.pooling == "pooler" for t in self.tasks))
         self.encoder_identity = {"name": experiment.encoder.name, "fingerprint": encoder_fingerprint(encoder)}
         seed_everything(experiment.seed)
         self.model: MultiTaskModel = build_model(experiment, [t.task for t in self.tasks], encoder).to(self.device)
+        self.prefix_similarity: dict[str, float] = {}
+        if self.model.prefix_bank is not None:
+            sequences = {t.name: [f.input_ids for f in t.features["train"][:INIT_SAMPLE_FEATURES]] for t in self.tasks}
+            self.prefix_similarity = initialize_prefixes(self.model.prefix_bank, self.model.encoder, self.tokenizer,
+                                                         sequences)
+        self.precision, self.precision_reason = resolve_precision(experiment.precision, self.device)
+        log.info("precision %s (%s)", self.precision, self.precision_reason)
         if experiment.encoder.gradient_checkpointing:
             enable_activation_checkpointing(self.model.encoder)
         self.train_model = distributed.wrap(self.model, self.device)  # what training steps call; self.model elsewhere
         distributed.seed_rank(experiment.seed)
         self.total_steps = total_steps(experiment, self.tasks, self.replicas)
-        self.optimizer = build_optimizer(self.model, experiment.optimization)
-        self.scheduler = build_scheduler(self.optimizer, experiment.optimization, self.total_steps)
-        self.scaler = torch.amp.GradScaler(enabled=experiment.precision == "fp16" and self.device.type == "cuda")
+        self.optimizer = build_optimizer(self.model, experiment.optimization, self.tunings)
+        first_step = 1.0 / self.total_steps if math.isfinite(self.total_steps) else TIME_BUDGET_FIRST_STEP
+        self.scheduler = ProgressSchedule(self.optimizer, experiment.optimization, run_warmup_ratio(self.tunings),
+                                          first_step)
+        self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16" and self.device.type == "cuda")
         sizes = {t.name: len(t.features["train"]) for t in self.tasks}
         self.sampler = make_sampler(experiment.sampler.name, sizes, experiment.seed, **experiment.sampler.options())
         self.streams = {
             t.name: TaskBatchStream(
                 t.name, len(t.features["train"]), t.batch_size * self.replicas, experiment.seed,
                 length_grouped=experiment.optimization.length_grouped,
+                group_spread=experiment.optimization.group_spread,
                 lengths=[len(f) for f in t.features["train"]],
             )
             for t in self.tasks
@@ -131,9 +156,11 @@ class Trainer:
         self.step, self.best_score, self.best_step, self.bad_evals = 0, -math.inf, None, 0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history, self.elapsed, self.examples_seen = History(), 0.0, 0
+        self.train_seconds, self.evaluation_seconds = 0.0, 0.0
         self.pad_id = self.tokenizer.pad_token_id or 0
         if saved is not None:
             self._restore(saved)
+        self.preparation_seconds = time.perf_counter() - preparation_started
 
     # ------------------------------------------------------------------ run directory and state
     def _check_run_dir(self) -> None:
@@ -230,7 +257,7 @@ class Trainer:
             batch = runtime.task.collate([runtime.features["train"][i] for i in rows or indices[:1]], self.pad_id)
             share = distributed.loss_share(runtime.task.loss_terms(batch.targets) if rows else 0, self.device)
             with distributed.accumulation_context(self.train_model, sync=micro == accumulation - 1):
-                with autocast(self.device, self.experiment.precision):
+                with autocast(self.device, self.precision):
                     inputs = to_inputs(batch, self.model.task_id(task_name), self.device)
                     logits, _ = self.train_model(inputs)[task_name]
                     loss = runtime.task.loss(logits, batch.targets.to(self.device))
@@ -243,7 +270,6 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         return task_name, distributed.all_reduce_sum(total).item()
 
     def evaluate_all(self, splits: list[str]) -> dict[str, dict[str, Any]]:
@@ -258,7 +284,7 @@ class Trainer:
                     continue
                 evaluation = evaluate(
                     self.model, runtime.task, runtime.examples[split], runtime.features[split],
-                    self.experiment.evaluation.batch_size, self.device, self.experiment.precision, self.pad_id,
+                    self.experiment.evaluation.batch_size, self.device, self.precision, self.pad_id,
                 )
                 if evaluation is not None:
                     results.setdefault(runtime.name, {})[split] = evaluation
@@ -274,7 +300,10 @@ class Trainer:
 
     def _periodic_evaluation(self, writer) -> bool:
         """Evaluate, keep the best checkpoint, and say whether early stopping should end training."""
+        started = time.perf_counter()
         results = self.evaluate_all(self.experiment.evaluation.splits)
+        self.evaluation_seconds += time.perf_counter() - started
+        self.history.eval_minutes[self.step] = round(self.train_seconds / 60.0, 4)
         for task, splits in results.items():
             for split, evaluation in splits.items():
                 if evaluation.result is None:
@@ -314,27 +343,52 @@ class Trainer:
             log.info("data parallel over %d processes: %s bytes of gradient all-reduced per step",
                      distributed.world_size(), f"{distributed.allreduce_bytes(self.model):,}")
         writer = self._open_writer()
-        evaluation = self.experiment.evaluation
-        checkpoint_every = evaluation.checkpoint_every or evaluation.every_steps
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress or not distributed.is_main(),
+        checkpoint_every = self.experiment.evaluation.checkpoint_every
+        total = self.total_steps if math.isfinite(self.total_steps) else None
+        bar = tqdm(total=total, initial=self.step, disable=not self.progress or not distributed.is_main(),
                    desc="train", unit="step")
         stop = False
-        while self.step < self.total_steps and not stop:
+        while not stop and (progress := self.progress_done()) < 1.0:
+            self.scheduler.update(progress)
+            seconds_before = self.train_seconds
+            step_started = time.perf_counter()
             task, loss = self.train_step()
+            self.train_seconds += time.perf_counter() - step_started
             self.step += 1
             self.history.add_loss(task, self.step, loss)
             writer.add_scalar(f"train/loss/{task}", loss, self.step)
             bar.update(1)
-            bar.set_postfix(task=task, loss=f"{loss:.4f}")
-            if self.step % evaluation.every_steps == 0 or self.step == self.total_steps:
+            bar.set_postfix(task=task, loss=f"{loss:.4f}", minutes=f"{self.train_seconds / 60:.1f}")
+            done = self.progress_done() >= 1.0
+            evaluated = done or self._evaluation_due(seconds_before)
+            if evaluated:
                 stop = self._periodic_evaluation(writer)
-            if self.step % checkpoint_every == 0 or self.step == self.total_steps or stop:
+            if evaluated or stop or (checkpoint_every and self.step % checkpoint_every == 0):
                 self._save_state()
             if self.on_step is not None:
                 self.on_step(self.step)
         bar.close()
         writer.close()
         return self.finish()
+
+    def progress_done(self) -> float:
+        """Fraction of training done: of the step budget, or of the time budget's training time (whichever is
+        further). Rank 0's clock decides, so every rank stops at the same step."""
+        fractions = [self.step / self.total_steps] if math.isfinite(self.total_steps) else []
+        budget = self.experiment.optimization.max_minutes
+        if budget is not None:
+            fractions.append(self.train_seconds / (60.0 * budget))
+        progress = min(1.0, max(fractions))
+        return distributed.broadcast_from_main(progress)
+
+    def _evaluation_due(self, seconds_before: float) -> bool:
+        evaluation = self.experiment.evaluation
+        if evaluation.every_steps and self.step % evaluation.every_steps == 0:
+            return True
+        if evaluation.every_minutes:
+            period = 60.0 * evaluation.every_minutes
+            return int(self.train_seconds // period) > int(seconds_before // period)
+        return False
 
     def finish(self) -> RunReport | None:
         """Restore the best weights, evaluate every split, write predictions and the reports (rank 0; the other
@@ -351,6 +405,13 @@ class Trainer:
             "method": self.experiment.method, "prefix_mode": self.experiment.prefix.mode,
             "steps": self.step, "best_step": self.best_step,
             "wall_time_s": round(self.wall_time(), 3),
+            "train_time_s": round(self.train_seconds, 3),
+            "evaluation_time_s": round(self.evaluation_seconds, 3),
+            "preparation_time_s": round(self.preparation_seconds, 3),
+            "evaluation_minutes": {str(step): minutes for step, minutes in self.history.eval_minutes.items()},
+            "precision": self.precision, "precision_reason": self.precision_reason,
+            "settings": {name: t.describe() for name, t in self.tunings.items()},
+            "prefix_init_cosine": self.prefix_similarity,
             "parameters": parameters.render(),
             "trainable_parameters": parameters.trainable,
             "encoder_parameters": parameters.encoder,

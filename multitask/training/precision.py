@@ -1,0 +1,40 @@
+"""Which autocast precision a run uses: ``auto`` picks bf16 where the hardware computes it natively."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# CPU flags of native bf16 matrix arithmetic (x86: AVX512-BF16 or AMX; Arm: the BF16 extension).
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return flags
+
+
+def bf16_supported(device: torch.device, flags: set[str] | None = None) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool((cpu_flags() if flags is None else flags) & set(CPU_BF16_FLAGS))
+    return False
+
+
+def resolve_precision(requested: str, device: torch.device, flags: set[str] | None = None) -> tuple[str, str]:
+    """The precision to use, and why (for the log and the report)."""
+    if requested != "auto":
+        return requested, "set in the experiment"
+    if bf16_supported(device, flags):
+        return "bf16", f"auto: {device.type} computes bf16 natively"
+    return "fp32", f"auto: no native bf16 on this {device.type}"
