@@ -126,10 +126,11 @@ def _epoch_batches(stream: TaskBatchStream) -> list[list[int]]:
     return batches
 
 
-@pytest.mark.parametrize("length_grouped", [False, True])
-def test_every_index_once_per_epoch_and_reshuffled(length_grouped):
+@pytest.mark.parametrize("length_grouped,spread", [(False, 1), (True, 1), (True, 4)])
+def test_every_index_once_per_epoch_and_reshuffled(length_grouped, spread):
     lengths = [(i * 37) % 97 + 1 for i in range(1003)]
-    stream = TaskBatchStream("t", 1003, 16, seed=1, length_grouped=length_grouped, lengths=lengths)
+    stream = TaskBatchStream("t", 1003, 16, seed=1, length_grouped=length_grouped, lengths=lengths,
+                             group_spread=spread)
     first, second = _epoch_batches(stream), _epoch_batches(stream)
     for batches in (first, second):
         assert sorted(i for batch in batches for i in batch) == list(range(1003))
@@ -157,6 +158,12 @@ def test_length_grouping_reduces_padding_on_skewed_lengths():
     grouped = _epoch_batches(TaskBatchStream("t", 4000, 32, seed=0, length_grouped=True, lengths=lengths))
     plain = _epoch_batches(TaskBatchStream("t", 4000, 32, seed=0, lengths=lengths))
     assert _mean_padding(grouped, lengths) < 0.25 * _mean_padding(plain, lengths)
+    spread = _epoch_batches(TaskBatchStream("t", 4000, 32, seed=0, length_grouped=True, lengths=lengths,
+                                            group_spread=4))
+    # A spread trades a little padding for batches that mix neighbouring lengths.
+    assert _mean_padding(grouped, lengths) < _mean_padding(spread, lengths) < 0.5 * _mean_padding(plain, lengths)
+    distinct = lambda batches: np.mean([len({lengths[i] for i in b}) for b in batches])  # noqa: E731
+    assert distinct(spread) > distinct(grouped)
     # batch order is still random, not sorted by length
     maxima = [max(lengths[i] for i in b) for b in grouped]
     assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
