@@ -76,7 +76,8 @@ def test_a_shipped_pooler_loads_on_request_and_stays_out_of_the_fingerprint(tmp_
         with_pooler, without = load_encoder(source, with_pooler=True), load_encoder(source)
     finally:
         logger.removeHandler(handler)
-    assert torch.equal(with_pooler.pooler.dense.weight, saved) and with_pooler.pooler.dense.weight.dtype == torch.float32
+    loaded = with_pooler.pooler.dense.weight
+    assert torch.equal(loaded, saved) and loaded.dtype == torch.float32
     assert getattr(without, "pooler", None) is None
     assert encoder_fingerprint(with_pooler) == encoder_fingerprint(without)
     assert not [r for r in records if "LOAD REPORT" in r.getMessage()]  # pooler keys left out on purpose: no news

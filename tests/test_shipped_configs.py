@@ -15,7 +15,7 @@ from multitask.tasks.loading import load_task, load_task_data
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_FILES = sorted((REPO / "tasks").glob("*.yaml"))
-CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))
+CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "bench" / "configs").glob("*.yaml"))
 DATA = data_root()
 
 # task -> (total examples over train + validation, validation size or None when carved, number of labels)

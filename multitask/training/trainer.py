@@ -213,7 +213,9 @@ class Trainer:
         self._restore_rng(state["rng"])
         self.step, self.best_score, self.best_step = state["step"], state["best_score"], state["best_step"]
         self.best_state, self.bad_evals = state["best_state"], state["bad_evals"]
-        self.history, self.elapsed = state["history"], state["elapsed"]
+        history = state["history"]  # saved as the dict of its fields (plain data, for weights_only loading)
+        self.history = history if isinstance(history, History) else History(**history)
+        self.elapsed = state["elapsed"]
         self.examples_seen = state["examples_seen"]
         log.info("resumed %s at step %d", self.run_dir, self.step)
 
