@@ -55,7 +55,10 @@ class OptimizationConfig:
                   "and evaluation are timed apart (report meta)."},
     )
     epochs: float | None = field(
-        default=None, metadata={"help": "Train until the largest task has seen this many passes (if no max_steps)."}
+        default=None,
+        metadata={"help": "Passes over the largest task's training set (if no max_steps), whatever the sampler: "
+                  "steps = epochs x its batches / its share of steps (round robin over 3 tasks: 1/3). Each optimiser "
+                  "step takes grad_accumulation batches of its task."},
     )
     batch_size: int = field(default=32, metadata={"help": "Default per-task batch size."})
     prefix_lr: float | None = field(

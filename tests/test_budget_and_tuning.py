@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -103,3 +104,17 @@ def test_compare_with_a_time_budget_gives_each_method_a_learning_curve(tmp_path)
 def test_time_to_reach_is_the_first_evaluation_at_the_target():
     assert time_to_reach([[1.0, 0.5], [2.0, 0.8], [3.0, 0.9]], 0.75) == 2.0
     assert time_to_reach([[1.0, 0.5]], 0.75) is None
+
+
+@pytest.mark.parametrize("sampler", ["round_robin", "proportional"])
+def test_epochs_are_passes_over_the_largest_task_under_every_sampler(tmp_path, sampler):
+    config = write_project(tmp_path)
+    experiment = load_config(ExperimentConfig, config, ["optimization.max_steps=null", "optimization.epochs=2",
+                                                        f"sampler.name={sampler}"])
+    trainer = Trainer(experiment, tmp_path / "run", config_path=config, progress=False, encoder=tiny_encoder("bert"))
+    largest = max(trainer.tasks, key=lambda t: len(t.features["train"]))
+    batches = math.ceil(len(largest.features["train"]) / largest.batch_size)
+    share = trainer.sampler.probabilities()[largest.name]
+    assert trainer.total_steps == math.ceil(2 * batches / share)
+    if sampler == "round_robin":  # three tasks: the largest trains on every third step
+        assert share == pytest.approx(1 / 3) and trainer.total_steps == 6 * batches

@@ -110,7 +110,8 @@ class TaskType(ABC):
             return
         self.labels = sorted({label for example in train_examples for label in self.example_labels(example)})
         if not self.labels:
-            raise ConfigError(f"task {self.config.name!r}: no labels found in train; list them under 'labels'")
+            raise ConfigError(f"task {self.config.name!r}: the {len(train_examples)} training examples carry no label "
+                              f"(check the 'fields' mapping of the label column, or list them under 'labels')")
 
     def check_labels(self, examples: list[Any], split: str) -> None:
         known = set(self.labels)

@@ -98,6 +98,9 @@ def read_split(source: SplitSource, root: Path, where: str, origin: str = "") ->
                             f"or the experiment's data_root to where the data lives{comes_from})")
     options = from_dict(reader.options_type, source.options, source=where)
     records = reader.read(path, options)
+    if not records:
+        raise DataError(f"{where}: {path or 'the dataset'} holds no records (the file is empty or has only blank "
+                        f"lines, headers or document markers)")
     return records if source.limit is None else records[: source.limit]
 
 
@@ -114,6 +117,9 @@ def load_task_data(task: TaskType, root: Path, source: str = "<task>") -> Loaded
             train = [replace(r, fields={**r.fields, "__index__": str(i)}) for i, r in enumerate(train)]
         records["train"], records["validation"] = carve_by_group(train, group, carve.validation_fraction, carve.seed)
     examples = {split: task.examples(split_records) for split, split_records in records.items()}
+    for split, split_examples in examples.items():
+        if not split_examples:
+            raise DataError(f"{source}: data.{split}: no usable examples after reading its records")
     if "train" in examples:
         task.fit_labels(examples["train"])
     elif task.has_labels and not task.labels:

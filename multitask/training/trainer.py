@@ -64,16 +64,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def total_steps(experiment: ExperimentConfig, tasks: list[TaskRuntime], replicas: int) -> float:
-    """max_steps, or enough steps for ``epochs`` passes over every task's global batches (``replicas`` per-rank
-    batches each); unbounded (inf) when only a time budget is set."""
+def total_steps(
+    experiment: ExperimentConfig, tasks: list[TaskRuntime], replicas: int, probabilities: dict[str, float]
+) -> float:
+    """max_steps, or enough steps for ``epochs`` passes over the largest task's training set (global batches of
+    ``replicas`` per-rank batches) given the share of steps the sampler gives that task (``probabilities``: a
+    round robin over 3 tasks gives it a third); unbounded (inf) when only a time budget is set."""
     optimization = experiment.optimization
     if optimization.max_steps is not None:
         return optimization.max_steps
     if optimization.epochs is None:
         return math.inf
-    batches = sum(math.ceil(len(t.features["train"]) / (t.batch_size * replicas)) for t in tasks)
-    return max(1, int(optimization.epochs * batches / optimization.grad_accumulation))
+    largest = max(tasks, key=lambda t: len(t.features["train"]))
+    batches = math.ceil(len(largest.features["train"]) / (largest.batch_size * replicas))
+    # Each optimiser step takes grad_accumulation batches of its task.
+    steps = optimization.epochs * batches / (probabilities[largest.name] * optimization.grad_accumulation)
+    return max(1, math.ceil(steps))
 
 
 class _NoWriter:
@@ -136,14 +142,14 @@ class Trainer:
             enable_activation_checkpointing(self.model.encoder)
         self.train_model = distributed.wrap(self.model, self.device)  # what training steps call; self.model elsewhere
         distributed.seed_rank(experiment.seed)
-        self.total_steps = total_steps(experiment, self.tasks, self.replicas)
+        sizes = {t.name: len(t.features["train"]) for t in self.tasks}
+        self.sampler = make_sampler(experiment.sampler.name, sizes, experiment.seed, **experiment.sampler.options())
+        self.total_steps = total_steps(experiment, self.tasks, self.replicas, self.sampler.probabilities())
         self.optimizer = build_optimizer(self.model, experiment.optimization, self.tunings)
         first_step = 1.0 / self.total_steps if math.isfinite(self.total_steps) else TIME_BUDGET_FIRST_STEP
         self.scheduler = ProgressSchedule(self.optimizer, experiment.optimization, run_warmup_ratio(self.tunings),
                                           first_step)
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16" and self.device.type == "cuda")
-        sizes = {t.name: len(t.features["train"]) for t in self.tasks}
-        self.sampler = make_sampler(experiment.sampler.name, sizes, experiment.seed, **experiment.sampler.options())
         self.streams = {
             t.name: TaskBatchStream(
                 t.name, len(t.features["train"]), t.batch_size * self.replicas, experiment.seed,

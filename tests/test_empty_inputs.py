@@ -1,0 +1,23 @@
+"""Empty inputs get one clear error that says what is empty and where, through the CLI as users meet them."""
+
+from __future__ import annotations
+
+import pytest
+
+from multitask.cli import main
+from tests.fixtures import write_project
+
+
+@pytest.mark.parametrize("data_file,content", [
+    ("ner/train.txt", ""),
+    ("ner/train.txt", "\n\n   \n-DOCSTART- -X- O O\n\n"),
+    ("cls/train.tsv", "sentence\tlabel\n"),
+    ("cls/train.tsv", "   \n"),
+])
+def test_an_empty_training_file_is_named(tmp_path, capsys, data_file, content):
+    config = write_project(tmp_path)
+    (tmp_path / "data" / data_file).write_text(content, encoding="utf-8")
+    assert main(["validate", str(config)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "data.train" in error and str(tmp_path / "data" / data_file) in error
+    assert "labels" not in error and "Traceback" not in error
