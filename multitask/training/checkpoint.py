@@ -123,5 +123,6 @@ def _refusal_reason(error: Exception) -> str:
     """What torch's weights-only unpickler objected to, without its advice to load the file unsafely instead."""
     boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
     lines = [line.strip() for line in str(error).splitlines()]
-    reasons = [line for line in lines if line and not line.startswith(boilerplate) and line != "WeightsUnpickler error:"]
+    reasons = [line for line in lines
+               if line and not line.startswith(boilerplate) and line != "WeightsUnpickler error:"]
     return reasons[-1] if reasons else "unsupported content"
