@@ -79,6 +79,12 @@ class OptimizationConfig:
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping (null: none)."})
     grad_accumulation: int = field(default=1, metadata={"help": "Batches (of the step's task) per optimiser step."})
     length_grouped: bool = field(default=True, metadata={"help": "Group similar lengths into batches (less padding)."})
+    weight_by_terms: bool = field(
+        default=True,
+        metadata={"help": "Scale each batch's mean loss by its number of loss terms (NER: labelled tokens) over the "
+                  "task's average per batch, so every token counts alike whichever batch it lands in. Without it, "
+                  "length-grouped batches of short sentences weigh each of their few tokens far more."},
+    )
     group_spread: int = field(
         default=1,
         metadata={"help": "With length_grouped: examples are sorted by length in windows of 50 batches, then shuffled "

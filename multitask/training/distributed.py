@@ -101,8 +101,9 @@ def rank_rows(indices: list[int]) -> list[int]:
     return indices[rank()::world_size()]
 
 
-def loss_share(terms: int, device: torch.device) -> float:
-    """This rank's share of the loss terms of the whole global batch (1.0 on one process).
+def loss_share(terms: int, device: torch.device) -> tuple[float, float]:
+    """This rank's share of the loss terms of the whole global batch (1.0 on one process), and that batch's number
+    of terms.
 
     A task's loss is a mean over its terms (rows, or labelled tokens for NER), so the loss of the global batch is
     the sum of each rank's mean weighted by its share; scaling the local loss by share * world_size undoes DDP's
@@ -110,10 +111,10 @@ def loss_share(terms: int, device: torch.device) -> float:
     when the slices are uneven or hold different numbers of tokens.
     """
     if world_size() == 1:
-        return 1.0
+        return 1.0, float(terms)
     total = torch.tensor(float(terms), dtype=torch.float64, device=device)
     dist.all_reduce(total)
-    return terms / total.item() if total.item() else 0.0
+    return (terms / total.item() if total.item() else 0.0), total.item()
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,17 @@ def total_steps(
     return max(1, math.ceil(steps))
 
 
+def mean_terms_per_batch(tasks: list[TaskRuntime], replicas: int, pad_id: int) -> dict[str, float]:
+    """Average loss terms (rows, or labelled tokens for NER) in a global batch of each task, from its training set."""
+    means = {}
+    for runtime in tasks:
+        features = runtime.features["train"]
+        terms = sum(runtime.task.loss_terms(runtime.task.collate(features[i : i + 512], pad_id).targets)
+                    for i in range(0, len(features), 512))
+        means[runtime.name] = max(terms, 1) / len(features) * runtime.batch_size * replicas
+    return means
+
+
 class _NoWriter:
     """TensorBoard's stand-in on ranks other than 0, which write no files."""
 
@@ -150,6 +161,9 @@ class Trainer:
         self.scheduler = ProgressSchedule(self.optimizer, experiment.optimization, run_warmup_ratio(self.tunings),
                                           first_step)
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16" and self.device.type == "cuda")
+        # Mean loss terms per global batch of each task whose terms vary from batch to batch (NER: labelled tokens).
+        self.mean_terms = mean_terms_per_batch(self.tasks, self.replicas, self.tokenizer.pad_token_id or 0) \
+            if experiment.optimization.weight_by_terms else {}
         self.streams = {
             t.name: TaskBatchStream(
                 t.name, len(t.features["train"]), t.batch_size * self.replicas, experiment.seed,
@@ -196,6 +210,7 @@ class Trainer:
             "best_score": self.best_score, "best_step": self.best_step,
             "best_state": self.best_state, "bad_evals": self.bad_evals, "history": self.history,
             "elapsed": self.wall_time(), "examples_seen": self.examples_seen,
+            "train_seconds": self.train_seconds, "evaluation_seconds": self.evaluation_seconds,
         }
 
     def wall_time(self) -> float:
@@ -223,6 +238,9 @@ class Trainer:
         self.history = history if isinstance(history, History) else History(**history)
         self.elapsed = state["elapsed"]
         self.examples_seen = state["examples_seen"]
+        # A time budget continues where the interrupted run stopped (states saved before budgets existed: 0).
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.evaluation_seconds = state.get("evaluation_seconds", 0.0)
         log.info("resumed %s at step %d", self.run_dir, self.step)
 
     def _restore_rng(self, states: list[dict[str, Any]]) -> None:
@@ -250,7 +268,8 @@ class Trainer:
         """One optimiser step on the sampled task; returns the task and the loss of its global batch(es).
 
         Each rank trains on its rows of the global batch, its loss weighted by its share of the batch's loss terms
-        (see ``distributed.loss_share``), so the step equals one process's step on the whole batch.
+        (see ``distributed.loss_share``), so the step equals one process's step on the whole batch. With
+        ``weight_by_terms`` a batch's loss also counts in proportion to its number of terms (NER: labelled tokens).
         """
         task_name = self.sampler.next_task()
         runtime = next(t for t in self.tasks if t.name == task_name)
@@ -263,13 +282,14 @@ class Trainer:
             # A global batch smaller than the world leaves a rank without rows: it runs one row at weight 0, so
             # that it still joins DDP's all-reduce.
             batch = runtime.task.collate([runtime.features["train"][i] for i in rows or indices[:1]], self.pad_id)
-            share = distributed.loss_share(runtime.task.loss_terms(batch.targets) if rows else 0, self.device)
+            share, terms = distributed.loss_share(runtime.task.loss_terms(batch.targets) if rows else 0, self.device)
+            weight = terms / self.mean_terms[task_name] if task_name in self.mean_terms else 1.0
             with distributed.accumulation_context(self.train_model, sync=micro == accumulation - 1):
                 with autocast(self.device, self.precision):
                     inputs = to_inputs(batch, self.model.task_id(task_name), self.device)
                     logits, _ = self.train_model(inputs)[task_name]
                     loss = runtime.task.loss(logits, batch.targets.to(self.device))
-                self.scaler.scale(loss * (share * distributed.world_size()) / accumulation).backward()
+                self.scaler.scale(loss * (share * distributed.world_size() * weight) / accumulation).backward()
             self.examples_seen += len(indices)
             total += loss.detach() * share / accumulation
         if self.experiment.optimization.max_grad_norm is not None:
