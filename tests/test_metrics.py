@@ -147,11 +147,70 @@ def test_chinese_mixed_segmentation_and_punctuation():
     # prediction tokens [iphone, 12, 手, 机] vs gold [iphone, 12]: P 2/4, R 1 -> F1 2/3
     result = squad_metrics({"q": "iPhone 12手机"}, {"q": ["iphone 12"]}, language="zh")
     assert result.scores["f1"] == pytest.approx(2 / 3)
-    # Chinese and English punctuation are dropped before EM
-    result = squad_metrics({"q": "《红楼梦》。", "r": "\"Go!\""}, {"q": ["红楼梦"], "r": ["go"]}, language="zh")
+    # Chinese (and the listed English) punctuation is dropped before EM
+    result = squad_metrics({"q": "《红楼梦》。", "r": "C++"}, {"q": ["红楼梦"], "r": ["c"]}, language="zh")
     assert result.scores == pytest.approx({"exact_match": 1.0, "f1": 1.0})
 
 
 def test_squad_unknown_language():
     with pytest.raises(ValueError, match="supported: en, zh"):
         squad_metrics({}, {"q": ["a"]}, language="fr")
+
+
+# ---------------------------------------------------------------------------- CMRC 2018 (official script rules)
+
+
+def _zh(prediction, answers):
+    return squad_metrics({"q": prediction}, {"q": answers}, language="zh").scores
+
+
+def test_cmrc_segmentation_is_mixed():
+    from multitask.metrics.qa import _chinese_tokens
+
+    assert _chinese_tokens("使用Python3编程") == ["使", "用", "python3", "编", "程"]
+    assert _chinese_tokens("《红楼梦》，共 120 回。") == ["红", "楼", "梦", "共", "120", "回"]
+    assert _chinese_tokens("约3.5亿元") == ["约", "3.5", "亿", "元"]
+    assert _chinese_tokens("go!") == ["go", "!"]  # ASCII ! is not in the script's list
+
+
+def test_cmrc_f1_is_longest_common_substring_not_subsequence():
+    # 北 大 京 学 vs 北 京 大 学: longest common substring 1 (a subsequence would give 3): P 1/4, R 1/4
+    assert _zh("北大京学", ["北京大学"]) == pytest.approx({"exact_match": 0.0, "f1": 0.25})
+
+
+def test_cmrc_mixed_chinese_english_hand_cases():
+    # [3.5, 亿] vs [3.5, 亿, 元]: LCS 2, P 1, R 2/3 -> F1 0.8
+    assert _zh("3.5亿", ["3.5亿元"]) == pytest.approx({"exact_match": 0.0, "f1": 0.8})
+    # [使, 用, python] vs [python, 语, 言]: LCS 1, P 1/3, R 1/3 -> F1 1/3
+    assert _zh("使用Python", ["python语言"]) == pytest.approx({"exact_match": 0.0, "f1": 1 / 3})
+
+
+def test_cmrc_punctuation_list_is_the_official_one():
+    # listed marks (Chinese and English) vanish: EM and F1 1
+    assert _zh("「北京」：", ["北京"]) == pytest.approx({"exact_match": 1.0, "f1": 1.0})
+    assert _zh("e-mail", ["email"]) == pytest.approx({"exact_match": 1.0, "f1": 1.0})
+    # unlisted marks stay: ASCII '!' ([go, !] vs [go]: F1 2/3) and a lone '…' ([等, 等, …] vs [等, 等]: F1 0.8)
+    assert _zh("go!", ["go"]) == pytest.approx({"exact_match": 0.0, "f1": 2 / 3})
+    assert _zh("等等…", ["等等"]) == pytest.approx({"exact_match": 0.0, "f1": 0.8})
+
+
+def test_cmrc_em_compares_normalised_strings():
+    # lower case and outer whitespace do not matter; inner whitespace does for EM, not for tokens
+    assert _zh("  New York ", ["new york"]) == pytest.approx({"exact_match": 1.0, "f1": 1.0})
+    assert _zh("北 京", ["北京"]) == pytest.approx({"exact_match": 0.0, "f1": 1.0})
+    # [new, york] vs [newyork]: nothing in common
+    assert _zh("new york", ["newyork"]) == pytest.approx({"exact_match": 0.0, "f1": 0.0})
+
+
+def test_cmrc_max_over_multiple_references():
+    # vs 长江: 0; vs 长江三峡大坝 (6 tokens): LCS 4, P 1, R 2/3 -> F1 0.8; EM against neither
+    assert _zh("三峡大坝", ["长江", "长江三峡大坝"]) == pytest.approx({"exact_match": 0.0, "f1": 0.8})
+    # EM from the second reference, F1 1 from it too
+    assert _zh("《三峡大坝》", ["长江", "三峡大坝"]) == pytest.approx({"exact_match": 1.0, "f1": 1.0})
+    # two questions: (0.8 + 1) / 2, EM (0 + 1) / 2
+    result = squad_metrics(
+        {"a": "三峡大坝", "b": "Yangtze River"},
+        {"a": ["长江", "长江三峡大坝"], "b": ["长江", "yangtze river"]},
+        language="zh",
+    )
+    assert result.scores == pytest.approx({"exact_match": 0.5, "f1": 0.9})

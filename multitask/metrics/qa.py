@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import string
-import unicodedata
 from collections import Counter
 from collections.abc import Callable
 
@@ -16,10 +15,19 @@ from multitask.metrics.result import MetricResult
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _ENGLISH_PUNCTUATION = frozenset(string.punctuation)
-# The CMRC 2018 script's own list; the Unicode "P*" categories cover the remaining CJK punctuation.
-_CMRC_PUNCTUATION = frozenset("-:_*^/\\~`+=，。：？！“”；’《》…·、「」（）－～『』")
-_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_ZH_TOKEN = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
+# cmrc2018_evaluate.py's sp_char list, verbatim. The script tests one character at a time, so its
+# two-character entry '……' never matches and a lone '…' is kept; ASCII . , ! ? " ' ( ) are kept too.
+_CMRC_PUNCTUATION = (
+    "-", ":", "_", "*", "^", "/", "\\", "~", "`", "+", "=",
+    "，", "。", "：", "？", "！", "“", "”", "；", "’", "《", "》", "……", "·", "、",
+    "「", "」", "（", "）", "－", "～", "『", "』",
+)
+_CMRC_DROPPED = frozenset(mark for mark in _CMRC_PUNCTUATION if len(mark) == 1)
+# The script's Chinese test is [\u4e00-\u9fa5]: each such character is one token.
+_CMRC_CHINESE = re.compile("[\u4e00-\u9fa5]")
+# Other text goes through nltk.word_tokenize there; approximated here (nltk is not a dependency) as
+# runs of letters/digits (decimals such as 3.5 and 1,000 kept whole) and every other mark alone.
+_CMRC_OTHER = re.compile(r"\d+(?:[.,]\d+)+|[^\W_]+|\S")
 
 
 def normalize_answer(text: str) -> str:
@@ -32,14 +40,17 @@ def _english_tokens(text: str) -> list[str]:
     return normalize_answer(text).split()
 
 
-def _is_punctuation(ch: str) -> bool:
-    return ch in _ENGLISH_PUNCTUATION or ch in _CMRC_PUNCTUATION or unicodedata.category(ch).startswith("P")
+def _cmrc_normalize(text: str) -> str:
+    """CMRC 2018 ``remove_punctuation`` (used for EM): lower case, strip, drop the script's punctuation."""
+    return "".join(ch for ch in text.lower().strip() if ch not in _CMRC_DROPPED)
 
 
 def _chinese_tokens(text: str) -> list[str]:
-    """CMRC 2018 mixed segmentation: every CJK character is a token, other runs split on whitespace."""
-    text = "".join(ch for ch in text.lower().strip() if not _is_punctuation(ch))
-    return _ZH_TOKEN.findall(text)
+    """CMRC 2018 ``mixed_segmentation`` (used for F1): Chinese characters one by one, other runs as words."""
+    tokens: list[str] = []
+    for piece in re.split(f"({_CMRC_CHINESE.pattern})", _cmrc_normalize(text)):
+        tokens.extend([piece] if _CMRC_CHINESE.fullmatch(piece) else _CMRC_OTHER.findall(piece))
+    return tokens
 
 
 def _bag_f1(gold: list[str], predicted: list[str]) -> float:
@@ -80,9 +91,12 @@ def _answer_f1(token_f1: Callable[[list[str], list[str]], float], gold: list[str
     return token_f1(gold, predicted)
 
 
-_LANGUAGES: dict[str, tuple[Callable[[str], list[str]], Callable[[list[str], list[str]], float]]] = {
-    "en": (_english_tokens, _bag_f1),
-    "zh": (_chinese_tokens, _lcs_f1),
+# Per language: tokens for F1, the F1 over token lists, and the normalised string EM compares.
+_LANGUAGES: dict[
+    str, tuple[Callable[[str], list[str]], Callable[[list[str], list[str]], float], Callable[[str], str]]
+] = {
+    "en": (_english_tokens, _bag_f1, normalize_answer),
+    "zh": (_chinese_tokens, _lcs_f1, _cmrc_normalize),
 }
 
 
@@ -100,21 +114,24 @@ def squad_metrics(
         raise ValueError(f"unsupported QA language {language!r}; supported: {', '.join(sorted(_LANGUAGES))}")
     if not references:
         raise ValueError("nothing to score: no reference questions")
-    tokenize, token_f1 = _LANGUAGES[language]
+    tokenize, token_f1, normalize = _LANGUAGES[language]
     exact: dict[str, float] = {}
     f1: dict[str, float] = {}
     answerable: dict[str, bool] = {}
     missing = 0
     for qid, answers in references.items():
-        golds = [tokens for tokens in map(tokenize, answers) if tokens] or [[]]
-        answerable[qid] = golds != [[]]
+        kept = [answer for answer in answers if tokenize(answer)]
+        answerable[qid] = bool(kept)
         if qid not in predictions:
             missing += 1
             exact[qid] = f1[qid] = 0.0
             continue
         predicted = tokenize(predictions[qid])
-        exact[qid] = float(any(gold == predicted for gold in golds))
-        f1[qid] = max(_answer_f1(token_f1, gold, predicted) for gold in golds)
+        if kept:
+            exact[qid] = float(any(normalize(gold) == normalize(predictions[qid]) for gold in kept))
+            f1[qid] = max(_answer_f1(token_f1, tokenize(gold), predicted) for gold in kept)
+        else:
+            exact[qid] = f1[qid] = float(not predicted)
 
     def mean(values: list[float]) -> float:
         return sum(values) / len(values)

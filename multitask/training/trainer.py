@@ -332,6 +332,8 @@ class Trainer:
         results = self.evaluate_all(self.experiment.evaluation.splits)
         self.evaluation_seconds += time.perf_counter() - started
         self.history.eval_minutes[self.step] = round(self.train_seconds / 60.0, 4)
+        selection_split = self.experiment.evaluation.splits[0]
+        main_scores = []
         for task, splits in results.items():
             for split, evaluation in splits.items():
                 if evaluation.result is None:
@@ -339,6 +341,8 @@ class Trainer:
                 main = next(t for t in self.tasks if t.name == task).task.main_metric()
                 value = evaluation.result.scores[main]
                 self.history.metric.setdefault(task, []).append((self.step, split, value))
+                if split == selection_split:
+                    main_scores.append(f"{task} {main} {value:.4f}")
                 for metric, score in evaluation.result.scores.items():
                     writer.add_scalar(f"{split}/{task}/{metric}", score, self.step)
         score = distributed.broadcast_from_main(self._selection_score(results))
@@ -350,7 +354,8 @@ class Trainer:
                 save_checkpoint(self.run_dir, self.model, self.checkpoint_meta())
         else:
             self.bad_evals += 1
-        log.info("step %d: mean main metric %s (best %.4f at step %s)", self.step, score, self.best_score, self.best_step)
+        log.info("step %d (%.1f training minutes): %s; mean main metric %s (best %.4f at step %s)", self.step,
+                 self.train_seconds / 60, ", ".join(main_scores), score, self.best_score, self.best_step)
         patience = self.experiment.evaluation.early_stopping_patience
         return patience is not None and self.bad_evals >= patience
 
