@@ -82,7 +82,9 @@ def _check_message(error: MultitaskError, path: Path, raw: bytes | None = None) 
     assert str(path) in message, f"does not name {path}: {message!r}"
     line = re.match(re.escape(str(path)) + r":(\d+)(?::|\b)", message)
     if line and raw is not None:
-        assert 1 <= int(line.group(1)) <= raw.count(b"\n") + 1, f"line out of range: {message!r}"
+        # YAML also breaks lines at a lone \r (and \x85, \u2028...); the readers only at \n
+        breaks = max(raw.count(b"\n"), raw.count(b"\r"), len(raw.decode("utf-8", "replace").splitlines()))
+        assert 1 <= int(line.group(1)) <= breaks + 1, f"line out of range: {message!r}"
 
 
 def _read(folder: Path, fmt: str, raw: bytes, options: dict, gz: bool = False) -> None:
@@ -286,7 +288,17 @@ def wrong_types(draw):
     return name, yaml.safe_dump(data, allow_unicode=True).encode("utf-8")
 
 
+def _edited(name: str, old: str, new: str) -> tuple[str, bytes]:
+    assert old in YAMLS[name]
+    return name, YAMLS[name].replace(old, new, 1).encode("utf-8")
+
+
 @given(wrong_types())
+@example(_edited("cls.yaml", "format: tsv}", "format: tsv, options: {delimiter: ';;'}}"))
+@example(_edited("ner.yaml", "format: conll}", "format: conll, options: {tag_scheme: bilou, separator: ''}}"))
+@example(_edited("qa.yaml", "doc_stride: 8", "doc_stride: -1"))
+@example(_edited("exp.yaml", "length: 4", "length: 0"))
+@example(_edited("exp.yaml", "batch_size: 8}", "batch_size: [8]}"))
 def test_yaml_wrong_types(folder, case):
     name, raw = case
     _load_checked(folder, name, raw)
@@ -300,3 +312,8 @@ def test_yaml_alias_bomb_does_not_hang(folder):
 
 def test_yaml_wrong_encoding_names_file(folder):
     _load_checked(folder, "exp.yaml", EXPERIMENT.replace("tiny", "caf\xe9").encode("latin-1"))
+
+
+@pytest.mark.xfail(strict=True, reason="multitask/tasks/loading.py writes field names raw into its messages")
+def test_yaml_field_name_with_newline_stays_one_line(folder):
+    _load_checked(folder, *_edited("cls.yaml", "text: sentence", '"te\\nxt": sentence'))

@@ -69,19 +69,24 @@ def load_yaml(path: str | Path) -> tuple[Any, LineMap]:
     Duplicate keys are rejected, because PyYAML would silently keep the last one.
     """
     source = str(path)
-    loader = _StrictLoader(_read(path, source))
+    text = _read(path, source)
+    loader = None
     try:
+        loader = _StrictLoader(text)  # rejects control characters (NUL...) here, before parsing
         node = loader.get_single_node()
         lines: LineMap = {}
         if node is not None:
-            _record_lines(node, "", source, lines)
+            _record_lines(node, "", source, lines, set())
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         line, problem = _yaml_problem(exc)
+        if isinstance(exc, yaml.reader.ReaderError):
+            line = text.count("\n", 0, exc.position) + 1
         where = f"{source}:{line}" if line else source
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(data, dict):
         where = f"{source}:{node.start_mark.line + 1}" if node is not None else source
         raise ConfigError(f"{where}: expected a mapping of keys at the top level, got {_show(data)}")
@@ -103,16 +108,23 @@ def _yaml_problem(exc: yaml.YAMLError) -> tuple[int | None, str]:
     if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "syntax error"
-        return (mark.line + 1 if mark else None), problem
+        return (mark.line + 1 if mark else None), " ".join(problem.split())
+    if isinstance(exc, yaml.reader.ReaderError) and isinstance(exc.character, int):
+        return None, f"unacceptable character #x{exc.character:04x}: {exc.reason}"
     return None, " ".join(str(exc).split())
 
 
-def _record_lines(node: yaml.Node, path: str, source: str, lines: LineMap) -> None:
+def _record_lines(node: yaml.Node, path: str, source: str, lines: LineMap, seen: set[int]) -> None:
     """Fill ``lines`` for every key and list item under ``node``, rejecting duplicate keys.
 
     Keys pulled in through a ``<<`` merge get no entry; errors on them fall back to the line of
-    the mapping that merged them (see ``_Where.locate``).
+    the mapping that merged them (see ``_Where.locate``). Likewise for keys under a repeated
+    ``*alias``: each node is walked once (``seen``), so recursive or nested aliases cannot recurse
+    forever or blow up exponentially.
     """
+    if id(node) in seen:
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         first_seen: dict[str, int] = {}
         for key_node, value_node in node.value:
@@ -122,15 +134,15 @@ def _record_lines(node: yaml.Node, path: str, source: str, lines: LineMap) -> No
             child = _join(path, key)
             if key in first_seen:
                 raise ConfigError(
-                    f"{source}:{line}: key '{child}': duplicate key (first set on line {first_seen[key]})"
+                    f"{source}:{line}: key {child!r}: duplicate key (first set on line {first_seen[key]})"
                 )
             first_seen[key] = lines[child] = line
-            _record_lines(value_node, child, source, lines)
+            _record_lines(value_node, child, source, lines, seen)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             child = _join(path, str(index))
             lines[child] = item.start_mark.line + 1
-            _record_lines(item, child, source, lines)
+            _record_lines(item, child, source, lines, seen)
 
 
 # --------------------------------------------------------------------------- building dataclasses
@@ -155,7 +167,7 @@ class _Where:
         return self.source
 
     def error(self, path: str, message: str) -> ConfigError:
-        key = f" key '{path}':" if path else ""
+        key = f" key {path!r}:" if path else ""  # repr: a key may hold a newline
         return ConfigError(f"{self.locate(path)}:{key} {message}")
 
 

@@ -46,8 +46,9 @@ def _register(name: str, options_type: type) -> Callable[[Callable], Callable]:
 # ---------------------------------------------------------------------------- options
 
 
-def _option_error(name: str, expected: str) -> ConfigError:
-    return ConfigError(f"data option {name!r} must be {expected}")
+def _option_error(name: str, expected: str) -> ValueError:
+    # ValueError, as every config __post_init__ raises: from_dict turns it into a ConfigError naming file:line.
+    return ValueError(f"data option {name!r} must be {expected}")
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class ConllOptions(TextOptions):
         try:
             check_scheme(self.tag_scheme)
         except ConfigError as error:
-            raise ConfigError(f"data option 'tag_scheme': {error}") from None
+            raise ValueError(f"data option 'tag_scheme': {error}") from None
 
 
 @dataclass(frozen=True)
@@ -278,8 +279,9 @@ def read_jsonl(path: Path | None, options: JsonlOptions) -> list[Record]:
 
 # ---------------------------------------------------------------------------- conll
 
-# A run of non-blank lines: one sentence, unless -DOCSTART- lines cut it.
-_BLOCK = re.compile(r"[^\n]*\S[^\n]*(?:\n[^\n]*\S[^\n]*)*")
+# A run of non-blank lines: one sentence, unless -DOCSTART- lines cut it. Anchored at line starts: unanchored,
+# a long whitespace-only line is retried from each of its characters (quadratic time).
+_BLOCK = re.compile(r"^[^\n]*\S[^\n]*(?:\n[^\n]*\S[^\n]*)*", re.MULTILINE)
 
 
 def _line_blocks(text: str, skip_docstart: bool) -> Iterator[tuple[int, list[str]]]:
