@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     except MultitaskError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full disk or a folder we may not write: files already saved stay as they were
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error} (files written before this one are intact)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: resume with --resume", file=sys.stderr)
         return 130

@@ -21,3 +21,14 @@ def test_an_empty_training_file_is_named(tmp_path, capsys, data_file, content):
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "data.train" in error and str(tmp_path / "data" / data_file) in error
     assert "labels" not in error and "Traceback" not in error
+
+
+def test_an_output_directory_that_cannot_be_written_fails_before_training(tmp_path, capsys):
+    # A path under a regular file cannot be created, even by root (who may write into read-only folders).
+    config = write_project(tmp_path)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("keep me")
+    assert main(["train", str(config), "--output-dir", str(blocker / "run"), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "cannot write the run there" in error and str(blocker) in error
+    assert blocker.read_text() == "keep me"

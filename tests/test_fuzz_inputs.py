@@ -176,6 +176,13 @@ def test_readers_huge_lines(folder, fmt, line):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("depth", [50, 5000])
+def test_readers_deep_nesting(folder, fmt, depth):
+    _read(folder, fmt, b"[" * depth + b"]" * depth + b"\n", {})
+    _read(folder, fmt, b'{"data": ' + b"[" * depth + b"]" * depth + b"}\n", {})
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_readers_truncated_gzip(folder, fmt):
     packed = gzip.compress(VALID[fmt].encode("utf-8"))
     for end in (0, 5, 10, len(packed) // 2, len(packed) - 1):
@@ -308,6 +315,12 @@ def test_yaml_alias_bomb_does_not_hang(folder):
     levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
     levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
     _load_checked(folder, "exp.yaml", "\n".join(levels).encode())
+
+
+@pytest.mark.parametrize("name", sorted(YAMLS))
+@pytest.mark.parametrize("text", ["{" * 5000 + "}" * 5000, "name: x\nextra: " + "[" * 900 + "]" * 900])
+def test_yaml_deep_nesting(folder, name, text):
+    _load_checked(folder, name, text.encode())
 
 
 def test_yaml_wrong_encoding_names_file(folder):

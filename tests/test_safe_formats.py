@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from multitask.cli import main
 from multitask.config import load_config
 from multitask.data.cache import cache_key, cached, feature_kinds
 from multitask.errors import CheckpointError
 from multitask.experiment import ExperimentConfig
+from multitask.run import load_run
 from multitask.runtime import load_tokenizer, prepare_tasks
 from multitask.tasks.base import Feature
 from multitask.tasks.ner import TaggingFeature
@@ -246,3 +248,16 @@ def test_a_truncated_training_state_is_a_clear_error(tmp_path):
     state_file.write_bytes(state_file.read_bytes()[:40])
     with pytest.raises(CheckpointError, match="unreadable training state"):
         load_training_state(run_dir)
+
+
+def test_a_bit_flipped_checkpoint_or_state_is_named_not_trusted(tmp_path):
+    config = write_project(tmp_path, max_steps=6)
+    run_dir = tmp_path / "run"
+    assert main(["train", str(config), "--output-dir", str(run_dir), "--no-progress"]) == 0
+    for path, load in ((run_dir / STATE_FILE, lambda: load_training_state(run_dir)),
+                       (run_dir / "checkpoint" / "model.safetensors", lambda: load_run(run_dir))):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match="corrupt"):
+            load()

@@ -73,8 +73,13 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
 
     with pytest.raises(Killed):
         make_trainer(config, tmp_path / "b", overrides, on_step=kill_at_step_7).train()
+    # A write killed mid-way leaves its temporary file beside the target: resuming removes it.
+    stale = [tmp_path / "b" / ".report.json.x1.tmp", tmp_path / "b" / "state" / ".training_state.pt.x2.tmp"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
     resumed = make_trainer(config, tmp_path / "b", overrides, resume=True)
-    assert resumed.step == 6
+    assert resumed.step == 6 and not any(path.exists() for path in stale)
     resumed.train()
 
     report_a = json.loads((tmp_path / "a" / "report.json").read_text())

@@ -84,6 +84,8 @@ def load_yaml(path: str | Path) -> tuple[Any, LineMap]:
             line = text.count("\n", 0, exc.position) + 1
         where = f"{source}:{line}" if line else source
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
     finally:
         if loader is not None:
             loader.dispose()

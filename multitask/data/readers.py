@@ -190,6 +190,8 @@ def _load_json(path: Path, text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(f"{path}:{error.lineno}: expected valid JSON ({error.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}: expected valid JSON (nested too deeply)") from None
 
 
 # ---------------------------------------------------------------------------- csv / tsv
@@ -273,6 +275,8 @@ def read_jsonl(path: Path | None, options: JsonlOptions) -> list[Record]:
             item = json.loads(content)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{line}: expected a JSON object ({error.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{line}: expected a JSON object (nested too deeply)") from None
         records.append(Record(_require_object(item, f"{path}:{line}"), f"{path}:{line}"))
     return records
 

@@ -14,6 +14,7 @@ execute what it holds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import shutil
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from multitask.errors import CheckpointError
 from multitask.model import MultiTaskModel
-from multitask.utils.atomic import atomic_path, write_json
+from multitask.utils.atomic import atomic_path, write_json, write_text
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = Path("state") / "training_state.pt"
@@ -63,7 +64,8 @@ def save_checkpoint(run_dir: Path, model: MultiTaskModel, meta: dict[str, Any]) 
     staging.mkdir(parents=True)
     state, layout = _folded_state(model)
     save_file(state, str(staging / "model.safetensors"))
-    write_json(staging / "meta.json", {**meta, "format_version": FORMAT_VERSION, "prefix_layout": layout})
+    write_json(staging / "meta.json", {**meta, "format_version": FORMAT_VERSION, "prefix_layout": layout,
+                                       "model_sha256": file_sha256(staging / "model.safetensors")})
     previous = run_dir / f".{CHECKPOINT}.old"
     shutil.rmtree(previous, ignore_errors=True)
     if final.exists():
@@ -87,7 +89,27 @@ def read_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{directory / 'meta.json'}: unreadable ({error})") from None
-    return meta, load_file(str(directory / "model.safetensors"))
+    weights = directory / "model.safetensors"
+    expected = meta.get("model_sha256")  # checkpoints written before checksums have none
+    if expected is not None and file_sha256(weights) != expected:
+        raise CheckpointError(f"{weights}: corrupt (its checksum differs from the one in meta.json); restore it from "
+                              f"a copy or retrain")
+    try:
+        return meta, load_file(str(weights))
+    except Exception as error:  # safetensors raises its own error types for truncated or malformed files
+        raise CheckpointError(f"{weights}: unreadable ({type(error).__name__}: {error})") from None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
 
 
 def save_training_state(run_dir: Path, state: dict[str, Any]) -> None:
@@ -95,8 +117,16 @@ def save_training_state(run_dir: Path, state: dict[str, Any]) -> None:
     loading accepts: a dataclass value (the trainer's history) is saved as the dict of its fields."""
     plain = {key: asdict(value) if is_dataclass(value) and not isinstance(value, type) else value
              for key, value in state.items()}
-    with atomic_path(run_dir / STATE_FILE) as tmp:
+    path = run_dir / STATE_FILE
+    checksums = _checksum_path(path)
+    with atomic_path(path) as tmp:
         torch.save(plain, tmp)
+        checksum = file_sha256(tmp)
+        # While the new state replaces the old one, both checksums are valid: a kill at any moment leaves the
+        # state file matching one of them.
+        previous = checksums.read_text(encoding="utf-8").split() if checksums.exists() else []
+        write_text(checksums, "\n".join([*previous, checksum]) + "\n")
+    write_text(checksums, checksum + "\n")
 
 
 def load_training_state(run_dir: Path) -> dict[str, Any] | None:
@@ -105,6 +135,10 @@ def load_training_state(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / STATE_FILE
     if not path.exists():
         return None
+    checksums = _checksum_path(path)
+    if checksums.exists() and file_sha256(path) not in checksums.read_text(encoding="utf-8").split():
+        raise CheckpointError(f"{path}: corrupt or truncated (its checksum differs from {checksums.name}); the run "
+                              f"cannot resume from it: start it afresh without --resume")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

@@ -32,7 +32,7 @@ from multitask.training.precision import resolve_precision
 from multitask.training.rng import restore_rng_state, rng_state, seed_everything
 from multitask.training.sampler import make_sampler
 from multitask.utils.memory import rss_bytes
-from multitask.utils.atomic import write_json, write_jsonl
+from multitask.utils.atomic import ensure_writable, remove_stale_temporaries, write_json, write_jsonl
 from multitask.tuning import log_tuning, resolve_tuning, run_warmup_ratio
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,9 @@ class Trainer:
                 raise CheckpointError(f"{self.run_dir}: the config differs from the run being resumed "
                                       f"(keys: {', '.join(changed)})")
         if distributed.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ensure_writable(self.run_dir)
+            for stale in remove_stale_temporaries(self.run_dir):
+                log.info("removed %s, left by a write that was interrupted", stale)
             write_json(saved, resolved)
 
     def _state(self) -> dict[str, Any]:

@@ -28,6 +28,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def ensure_writable(directory: str | os.PathLike) -> None:
+    """Fail before any work when ``directory`` cannot hold new files (read-only, or no space left at all)."""
+    from multitask.errors import CheckpointError
+
+    target = Path(directory)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".write-check.", suffix=".tmp"):
+            pass
+    except OSError as error:
+        raise CheckpointError(f"{target}: cannot write the run there ({error.strerror or error}); choose another "
+                              f"--output-dir or free the disk") from error
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that writes killed mid-way left under ``directory`` (never a finished file)."""
+    stale = [path for path in Path(directory).rglob(".*.tmp") if path.is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
