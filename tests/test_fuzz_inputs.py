@@ -327,6 +327,5 @@ def test_yaml_wrong_encoding_names_file(folder):
     _load_checked(folder, "exp.yaml", EXPERIMENT.replace("tiny", "caf\xe9").encode("latin-1"))
 
 
-@pytest.mark.xfail(strict=True, reason="multitask/tasks/loading.py writes field names raw into its messages")
 def test_yaml_field_name_with_newline_stays_one_line(folder):
     _load_checked(folder, *_edited("cls.yaml", "text: sentence", '"te\\nxt": sentence'))

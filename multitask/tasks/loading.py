@@ -46,7 +46,7 @@ def task_type_from_config(config: TaskConfig, source: str, lines: dict[str, int]
     allowed = set(task_cls.required_fields) | set(task_cls.optional_fields)
     for name in config.fields:
         if name not in allowed:
-            raise ConfigError(f"{source}: key 'fields.{name}': unknown field for type {config.type!r}; "
+            raise ConfigError(f"{source}: key {'fields.' + name!r}: unknown field for type {config.type!r}; "
                               f"allowed: {', '.join(sorted(allowed))}")
     options = None
     if task_cls.options_type is not None:
