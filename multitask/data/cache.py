@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from multitask.utils import faults
 from multitask.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def cached(cache_dir: str | Path | None, key: str, build: Callable[[], Any]) -> 
         return value, False
     with atomic_path(path) as tmp:
         write_arrays(tmp, arrays)
+        faults.reached("feature_cache_write")
     return value, False
 
 

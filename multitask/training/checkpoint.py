@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from multitask.errors import CheckpointError
+from multitask.utils import faults
 from multitask.model import MultiTaskModel
 from multitask.utils.atomic import atomic_path, write_json, write_text
 
@@ -60,16 +61,19 @@ def save_checkpoint(run_dir: Path, model: MultiTaskModel, meta: dict[str, Any]) 
     """Write checkpoint/ beside the old one, then swap directories, so a crash leaves one complete checkpoint."""
     final = run_dir / CHECKPOINT
     staging = run_dir / f".{CHECKPOINT}.new"
+    previous = run_dir / f".{CHECKPOINT}.old"
+    if not final.exists() and previous.exists():  # a swap killed between its renames: put the last one back first
+        previous.rename(final)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     state, layout = _folded_state(model)
     save_file(state, str(staging / "model.safetensors"))
     write_json(staging / "meta.json", {**meta, "format_version": FORMAT_VERSION, "prefix_layout": layout,
                                        "model_sha256": file_sha256(staging / "model.safetensors")})
-    previous = run_dir / f".{CHECKPOINT}.old"
     shutil.rmtree(previous, ignore_errors=True)
     if final.exists():
         final.rename(previous)
+    faults.reached("checkpoint_swap")
     staging.rename(final)
     shutil.rmtree(previous, ignore_errors=True)
     return final

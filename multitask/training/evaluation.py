@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from multitask.training.precision import resolve_precision
 from multitask.model import ModelInputs, MultiTaskModel
 from multitask.reporting.model import SplitResult
 from multitask.tasks.base import Batch, Feature, TaskType
 from multitask.training import distributed
 from multitask.training.batching import eval_batches
+from multitask.training.precision import resolve_precision
+from multitask.utils import faults
 
 
 @dataclass
@@ -55,6 +56,7 @@ def feature_logits(
     task_id = model.task_id(name)
     computed: list[tuple[int, np.ndarray]] = []
     for indices in distributed.shard(eval_batches([len(f) for f in features], batch_size)):
+        faults.reached("evaluation_batch")
         batch = task.collate([features[i] for i in indices], pad_id)
         with autocast(device, precision):
             output, _ = model(to_inputs(batch, task_id, device))[name]

@@ -120,7 +120,9 @@ class Trainer:
         self.progress, self.on_step = progress, on_step
         preparation_started = time.perf_counter()
         self._check_run_dir()
-        saved = self._saved_state() if resume else None
+        saved = load_training_state(self.run_dir) if resume else None
+        if resume and saved is None:  # killed before its first save: nothing to continue, so start afresh
+            log.info("%s: no saved state yet; starting the run from the beginning", self.run_dir)
         if experiment.num_threads:
             torch.set_num_threads(experiment.num_threads)
         seed_everything(experiment.seed)
@@ -218,12 +220,6 @@ class Trainer:
     def wall_time(self) -> float:
         """Training seconds across every resumed segment of this run."""
         return self.elapsed + (time.perf_counter() - self.started)
-
-    def _saved_state(self) -> dict[str, Any]:
-        state = load_training_state(self.run_dir)
-        if state is None:
-            raise CheckpointError(f"{self.run_dir}: nothing to resume (no state/training_state.pt)")
-        return state
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"], strict=False)
