@@ -41,9 +41,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     from multitask.reporting.markdown import render_markdown
     from multitask.training.trainer import Trainer
+    from multitask.utils.atomic import ensure_writable
 
     experiment = _load_experiment(args.config, args.set)
     run_dir = Path(args.output_dir or experiment.output_dir or Path("runs") / experiment.name)
+    if distributed.is_main():
+        ensure_writable(run_dir)  # before the log file opens there
     _setup_logging(run_dir if distributed.is_main() else None)
     if not distributed.is_main():
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress lines, from rank 0

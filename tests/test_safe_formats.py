@@ -232,6 +232,11 @@ def test_a_planted_training_state_is_refused_not_run(tmp_path, writer):
     else:
         torch.save({"step": 2, "history": Planted(marker)}, state_file)
 
+    # The checksum beside the state already refuses a replaced file; without it (a state copied alone, or planted
+    # with its checksum), loading with weights_only refuses it again.
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_training_state(run_dir)
+    state_file.with_name(state_file.name + ".sha256").unlink()
     with pytest.raises(CheckpointError, match="refused to load a training state") as error:
         make_trainer(config, run_dir, resume=True)
     assert str(state_file) in str(error.value) and "weights_only" not in str(error.value)
