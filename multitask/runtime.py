@@ -114,12 +114,17 @@ def prefix_requests(tasks: list[TaskType], tunings: dict[str, TaskTuning]) -> li
     ]
 
 
-def build_model(experiment: ExperimentConfig, tasks: list[TaskType], encoder: PreTrainedModel) -> MultiTaskModel:
-    """Heads for every task, plus the prefix bank for the prefix method (none for a linear probe or full FT)."""
+def build_model(
+    experiment: ExperimentConfig, tasks: list[TaskType], encoder: PreTrainedModel,
+    tunings: dict[str, TaskTuning] | None = None,
+) -> MultiTaskModel:
+    """Heads for every task, plus the prefix bank for the prefix method (none for a linear probe or full FT).
+    ``tunings``: the tasks' resolved settings, when the caller has them already."""
     heads = build_heads(tasks, encoder_shape(encoder.config).hidden_size)
     layout = None
     if experiment.method == "prefix":
-        layout = plan_layout(experiment.prefix, prefix_requests(tasks, resolve_tuning(experiment, tasks)))
+        tunings = tunings if tunings is not None else resolve_tuning(experiment, tasks)
+        layout = plan_layout(experiment.prefix, prefix_requests(tasks, tunings))
     model = MultiTaskModel(encoder, heads, layout, freeze_encoder=experiment.method != "full_ft")
     if experiment.method == "lora":
         add_lora(model.encoder, experiment.lora)

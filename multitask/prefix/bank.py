@@ -11,13 +11,17 @@ from torch import nn
 from multitask.errors import ConfigError
 from multitask.prefix.config import PrefixBankConfig, PrefixConfig
 from multitask.prefix.encoder import PrefixEncoder
+from multitask.tuning import TuningDefaults
 
 SHARED = "shared"
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
-# Settings a prefix falls back to when neither the experiment nor a task names them (direct library use).
-FALLBACK = PrefixConfig(length=16, reparameterize=False, dropout=0.0)
+# Settings a prefix falls back to when neither the experiment nor a task names them (direct library use): the
+# task types' base defaults.
+_DEFAULTS = TuningDefaults()
+FALLBACK = PrefixConfig(length=_DEFAULTS.prefix_length, reparameterize=_DEFAULTS.reparameterize,
+                        dropout=_DEFAULTS.prefix_dropout)
 
 
 @dataclass(frozen=True)

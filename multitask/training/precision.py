@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -10,17 +11,18 @@ import torch
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+@lru_cache(maxsize=None)  # autocast() resolves "auto" on every evaluation batch: read the file once
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     try:
         text = cpuinfo.read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return set()
+        return frozenset()
     flags: set[str] = set()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
             flags.update(value.split())
-    return flags
+    return frozenset(flags)
 
 
 def bf16_supported(device: torch.device, flags: set[str] | None = None) -> bool:

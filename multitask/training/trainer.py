@@ -143,9 +143,10 @@ class Trainer:
             with_pooler=any(t.task.config.head.pooling == "pooler" for t in self.tasks))
         self.encoder_identity = {"name": experiment.encoder.name, "fingerprint": encoder_fingerprint(encoder)}
         seed_everything(experiment.seed)
-        self.model: MultiTaskModel = build_model(experiment, [t.task for t in self.tasks], encoder).to(self.device)
+        self.model: MultiTaskModel = build_model(experiment, [t.task for t in self.tasks], encoder,
+                                                 self.tunings).to(self.device)
         self.prefix_similarity: dict[str, float] = {}
-        if self.model.prefix_bank is not None:
+        if self.model.prefix_bank is not None and saved is None:  # a resumed run's saved prefixes replace it
             sequences = {t.name: [f.input_ids for f in t.features["train"][:INIT_SAMPLE_FEATURES]] for t in self.tasks}
             self.prefix_similarity = initialize_prefixes(self.model.prefix_bank, self.model.encoder, self.tokenizer,
                                                          sequences)
@@ -215,6 +216,7 @@ class Trainer:
             "best_state": self.best_state, "bad_evals": self.bad_evals, "history": self.history,
             "elapsed": self.wall_time(), "examples_seen": self.examples_seen,
             "train_seconds": self.train_seconds, "evaluation_seconds": self.evaluation_seconds,
+            "prefix_init_cosine": self.prefix_similarity,
         }
 
     def wall_time(self) -> float:
@@ -239,6 +241,7 @@ class Trainer:
         # A time budget continues where the interrupted run stopped (states saved before budgets existed: 0).
         self.train_seconds = state.get("train_seconds", 0.0)
         self.evaluation_seconds = state.get("evaluation_seconds", 0.0)
+        self.prefix_similarity = state.get("prefix_init_cosine", {})
         log.info("resumed %s at step %d", self.run_dir, self.step)
 
     def _restore_rng(self, states: list[dict[str, Any]]) -> None:
