@@ -70,6 +70,8 @@ class TaskType(ABC):
     default_main_metric: ClassVar[str]
     options_type: ClassVar[type | None] = None
     has_labels: ClassVar[bool] = True
+    # What one prediction input looks like (JSON Schema): shown by the server's /v1/tasks and `multitask types`.
+    input_schema: ClassVar[dict[str, Any]] = {}
     # Measured for classification (SST-2) and ner (CoNLL-2003), checked on qa (SQuAD): docs/tuning.md. A type that
     # trains better otherwise sets its own.
     tuning_defaults: ClassVar[TuningDefaults] = TuningDefaults()

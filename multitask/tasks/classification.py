@@ -22,6 +22,16 @@ class TextExample:
     label: Any = None  # a label string (classification) or a list of them (multi-label)
 
 
+TEXT_INPUT_SCHEMA: dict[str, Any] = {
+        "oneOf": [
+            {"type": "string", "description": "the text"},
+            {"type": "object", "required": ["text"], "properties": {
+                "text": {"type": "string"}, "text_pair": {"type": "string", "description": "second text of a pair"},
+                "id": {"type": "string"}}},
+        ]
+    }
+
+
 def text_example_from_raw(raw: dict[str, Any], index: int, source: str) -> TextExample:
     """Prediction input: ``{"text": ..., "text_pair": ...}`` (a bare string is taken as the text)."""
     if isinstance(raw, str):
@@ -60,6 +70,7 @@ def text_features(
 
 class ClassificationTask(TaskType):
     name = "classification"
+    input_schema = TEXT_INPUT_SCHEMA
     head_kind = "sequence"
     required_fields = ("text", "label")
     optional_fields = ("text_pair", "id")

@@ -71,6 +71,10 @@ class TaskConfig:
     labels: list[str] | None = field(
         default=None, metadata={"help": "The label set; inferred from train (sorted) when unset."}
     )
+    label_names: dict[str, str] | None = field(
+        default=None, metadata={"help": "Names people read for labels, e.g. {\"0\": negative, \"1\": positive}: "
+                                        "predictions and reports show them (the model keeps the labels)."}
+    )
     metrics: list[str] | None = field(default=None, metadata={"help": "Metrics to report (default: all of the type's)."})
     main_metric: str | None = field(default=None, metadata={"help": "Metric used for model selection."})
     max_length: int = field(default=128, metadata={"help": "Maximum tokens per feature (windows beyond this)."})

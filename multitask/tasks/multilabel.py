@@ -17,7 +17,9 @@ from multitask.data.records import Record
 from multitask.errors import DataError
 from multitask.metrics import MetricResult, multilabel_metrics
 from multitask.tasks.base import TASK_TYPES, Feature, TaskType
-from multitask.tasks.classification import TextExample, read_text_fields, text_example_from_raw, text_features
+from multitask.tasks.classification import (
+    TEXT_INPUT_SCHEMA, TextExample, read_text_fields, text_example_from_raw, text_features,
+)
 from multitask.tasks.config import TaskConfig
 
 
@@ -54,6 +56,7 @@ def sigmoid(values: np.ndarray) -> np.ndarray:
 
 class MultiLabelTask(TaskType):
     name = "multilabel"
+    input_schema = TEXT_INPUT_SCHEMA
     head_kind = "sequence"
     required_fields = ("text", "labels")
     optional_fields = ("text_pair", "id")

@@ -96,6 +96,14 @@ def windows(word_ids: list[int | None], max_length: int) -> list[list[int]]:
 
 class NerTask(TaskType):
     name = "ner"
+    input_schema = {
+        "oneOf": [
+            {"type": "string", "description": "the text (split into words on whitespace and punctuation)"},
+            {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}, "id": {"type": "string"}}},
+            {"type": "object", "required": ["tokens"], "properties": {
+                "tokens": {"type": "array", "items": {"type": "string"}}, "id": {"type": "string"}}},
+        ]
+    }
     head_kind = "token"
     required_fields = ("tokens", "tags")
     optional_fields = ("id",)

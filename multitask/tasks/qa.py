@@ -134,6 +134,10 @@ def truncate_questions(questions: list[str], tokenizer, max_tokens: int) -> list
 
 class QATask(TaskType):
     name = "qa"
+    input_schema = {
+        "type": "object", "required": ["question", "context"],
+        "properties": {"question": {"type": "string"}, "context": {"type": "string"}, "id": {"type": "string"}},
+    }
     head_kind = "span"
     required_fields = ("question", "context")
     optional_fields = ("answers", "id", "title")
