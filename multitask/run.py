@@ -46,14 +46,41 @@ class TrainedRun:
             raise ConfigError(f"task {name!r} is not in run {self.run_dir}; its tasks: {', '.join(self.tasks)}")
         return self.tasks[name]
 
+    @property
+    def name(self) -> str:
+        return self.experiment.name
+
+    def parse_inputs(self, task_name: str, inputs: list[Any]) -> list[Any]:
+        """Examples of raw inputs; ConfigError for an unknown task, DataError naming the first malformed input."""
+        task = self.task(task_name)
+        if not isinstance(inputs, list):
+            raise DataError(f"task {task_name!r}: inputs must be a list, got {type(inputs).__name__}")
+        return [task.example_from_raw(raw, index) for index, raw in enumerate(inputs)]
+
+    def predict_examples(self, examples: dict[str, list[Any]], batch_size: int = 32) -> dict[str, list[dict[str, Any]]]:
+        """Predictions for parsed examples of several tasks."""
+        results = {}
+        for task_name, task_examples in examples.items():
+            task = self.task(task_name)
+            features = task.featurize(task_examples, self.tokenizer, training=False)
+            results[task_name] = evaluate(self.model, task, task_examples, features, batch_size, self.device,
+                                          self.experiment.precision, self.tokenizer.pad_token_id or 0).predictions
+        return results
+
+    def predict_many(self, inputs: dict[str, list[Any]], batch_size: int = 32) -> dict[str, list[dict[str, Any]]]:
+        """Predictions for raw inputs of several tasks at once: {task: [input, ...]} -> {task: [prediction, ...]}."""
+        return self.predict_examples({name: self.parse_inputs(name, raw) for name, raw in inputs.items()}, batch_size)
+
     def predict(self, task_name: str, inputs: list[Any], batch_size: int = 32) -> list[dict[str, Any]]:
         """Predictions for raw inputs (text / text pairs, sentences or token lists, question + context)."""
-        task = self.task(task_name)
-        examples = [task.example_from_raw(raw, index) for index, raw in enumerate(inputs)]
-        features = task.featurize(examples, self.tokenizer, training=False)
-        evaluation = evaluate(self.model, task, examples, features, batch_size, self.device,
-                              self.experiment.precision, self.tokenizer.pad_token_id or 0)
-        return evaluation.predictions
+        return self.predict_many({task_name: inputs}, batch_size)[task_name]
+
+    def analyze(self, texts: list[str], tasks: list[str] | None = None) -> list[dict[str, Any]]:
+        """Every requested task (default: those that take a plain text) for each text: one {task: prediction} per
+        text. QA needs a question and a context, so it is only run when asked for with {question, context} inputs."""
+        names = tasks if tasks is not None else [n for n, t in self.tasks.items() if t.config.type != "qa"]
+        predictions = self.predict_many({name: list(texts) for name in names})
+        return [{name: predictions[name][i] for name in names} for i in range(len(texts))]
 
     def evaluate_split(self, task_name: str, split: str, examples: list[Any], batch_size: int = 64):
         task = self.task(task_name)
