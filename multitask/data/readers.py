@@ -143,6 +143,7 @@ class HfDatasetOptions:
     name: str | None = field(default=None, metadata={"help": "Hugging Face hub dataset name (path may then be null)"})
     config: str | None = field(default=None, metadata={"help": "dataset configuration name, e.g. sst2 for glue"})
     split: str | None = field(default=None, metadata={"help": "split to read; required when the dataset has several"})
+    revision: str | None = field(default=None, metadata={"help": "hub branch, tag or commit to read"})
     load_from_disk: bool = field(default=False, metadata={"help": "path is a directory written by save_to_disk"})
 
 
@@ -327,17 +328,25 @@ def _strip_segment_digit(token: str, where: str) -> str:
     return token[:-1]
 
 
+def tagged_sentence(tokens: list[str], tags: list[str], options: ConllOptions,
+                    locate: Callable[[int], str]) -> dict[str, list[str]]:
+    """A conll record's fields from one sentence's tokens and raw tags: segmentation digits stripped when asked,
+    tags read as IOB2; ``locate(i)`` names where token i came from. Shared by the file reader and hub rows."""
+    if options.strip_token_suffix_digits:
+        tokens = [_strip_segment_digit(token, locate(i)) for i, token in enumerate(tokens)]
+    try:
+        iob2 = to_iob2([tag.strip() for tag in tags], options.tag_scheme)
+    except InvalidTagError as error:
+        raise DataError(f"{locate(error.index)}: {error}") from None
+    return {"tokens": list(tokens), "tags": iob2}
+
+
 def _conll_record(path: Path, first: int, lines: list[str], options: ConllOptions) -> Record:
     rows = [content.split(options.separator) for content in lines]
     _check_widths(path, first, rows, options)
     tokens = [row[options.token_column] for row in rows]
-    if options.strip_token_suffix_digits:
-        tokens = [_strip_segment_digit(token, f"{path}:{first + i}") for i, token in enumerate(tokens)]
-    try:
-        tags = to_iob2([row[options.tag_column].strip() for row in rows], options.tag_scheme)
-    except InvalidTagError as error:
-        raise DataError(f"{path}:{first + error.index}: {error}") from None
-    return Record({"tokens": tokens, "tags": tags}, f"{path}:{first}")
+    tags = [row[options.tag_column] for row in rows]
+    return Record(tagged_sentence(tokens, tags, options, lambda i: f"{path}:{first + i}"), f"{path}:{first}")
 
 
 @_register("conll", ConllOptions)
@@ -368,7 +377,8 @@ def _squad_answers(qa: dict[str, Any], where: str) -> list[dict[str, Any]]:
     return answers
 
 
-def _squad_record(qa: Any, title: str, context: str, where: str) -> Record:
+def squad_record(qa: Any, title: str, context: str, where: str) -> Record:
+    """One question's record from its SQuAD ``qas`` entry; shared by the file reader and flat hub rows."""
     qid = qa.get("id") if isinstance(qa, dict) else None
     where = f"{where} (id {qid})" if qid is not None else where
     fields = {
@@ -394,7 +404,7 @@ def read_squad(path: Path | None, options: SquadOptions) -> list[Record]:
             paragraph_where = f"{article_where}.paragraphs[{p}]"
             context = _get(paragraph, "context", str, paragraph_where)
             for q, qa in enumerate(_get(paragraph, "qas", list, paragraph_where)):
-                records.append(_squad_record(qa, str(title), context, f"{paragraph_where}.qas[{q}]"))
+                records.append(squad_record(qa, str(title), context, f"{paragraph_where}.qas[{q}]"))
     return records
 
 
@@ -411,10 +421,13 @@ def read_label_line(path: Path | None, options: LabelLineOptions) -> list[Record
         parts = content.split(None, 1)
         if content[0].isspace() or len(parts) < 2:
             raise DataError(f"{path}:{line}: expected 'LABEL text', got {content[:40]!r}")
-        label, text = parts
-        fields = {"label": label, "coarse_label": label.split(":", 1)[0], "fine_label": label, "text": text.strip()}
-        records.append(Record(fields, f"{path}:{line}"))
+        records.append(Record(label_line_fields(*parts), f"{path}:{line}"))
     return records
+
+
+def label_line_fields(label: str, text: str) -> dict[str, str]:
+    """A label_line record's fields from the full label (``COARSE:fine``) and the text; shared with hub rows."""
+    return {"label": label, "coarse_label": label.split(":", 1)[0], "fine_label": label, "text": text.strip()}
 
 
 # ---------------------------------------------------------------------------- hf_dataset
@@ -431,24 +444,34 @@ def _pick_split(loaded: Any, split: str | None, where: str) -> Any:
     return loaded[split]
 
 
+def load_hf_dataset(name: str | None, config: str | None = None, split: str | None = None, *,
+                    revision: str | None = None, from_disk: Path | None = None) -> Any:
+    """One split of a Hugging Face dataset (a ``datasets.Dataset``): from the hub (``name``, through
+    ``load_dataset``) or from a save_to_disk folder (``from_disk``). Any failure, offline included, is a DataError
+    whose message is one line; the hf_dataset format and hub copies (multitask.data.hub) both load through here."""
+    where = str(from_disk) if from_disk is not None else str(name)
+    try:
+        import datasets
+
+        if from_disk is not None:
+            loaded = datasets.load_from_disk(str(from_disk))
+        else:
+            loaded = datasets.load_dataset(name, config, split=split, revision=revision)
+    except Exception as error:  # offline, unknown id, script-only repository, missing package: all one line
+        message = " ".join(str(error).split())[:300] or type(error).__name__
+        raise DataError(f"{where}: cannot load dataset: {message}") from None
+    return _pick_split(loaded, split, where)
+
+
 @_register("hf_dataset", HfDatasetOptions)
 def read_hf_dataset(path: Path | None, options: HfDatasetOptions) -> list[Record]:
     """Rows of a Hugging Face dataset, from the hub (``name``) or a save_to_disk directory."""
-    import datasets
-
     if options.load_from_disk and (path is None or options.name is not None):
         raise ConfigError("data option 'load_from_disk' needs a path and no 'name'")
     if path is None and options.name is None:
         raise ConfigError("format hf_dataset needs a path or data option 'name'")
     where = str(path) if options.name is None else options.name
-    try:
-        if options.load_from_disk:
-            loaded = datasets.load_from_disk(str(path))
-        else:
-            loaded = datasets.load_dataset(where, options.config, split=options.split)
-    except (OSError, ValueError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataError(f"{where}: cannot load dataset: {message}") from None
-    dataset = _pick_split(loaded, options.split, where)
+    dataset = load_hf_dataset(options.name if options.name is not None else str(path), options.config, options.split,
+                              revision=options.revision, from_disk=path if options.load_from_disk else None)
     label = options.split or "rows"
     return [Record(dict(row), f"{where}:{label}[{index}]") for index, row in enumerate(dataset)]

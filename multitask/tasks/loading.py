@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from multitask.config import from_dict, load_yaml
+from multitask.data.hub import ROW_FORMATS, HubLoadError, hub_records
 from multitask.data.readers import READERS
 from multitask.data.records import Record
 from multitask.data.splits import carve_by_group
@@ -63,6 +64,12 @@ def task_type_from_config(config: TaskConfig, source: str, lines: dict[str, int]
                               f"{', '.join(READERS.available())}, got {split_source.format!r}")
         from_dict(READERS.get(split_source.format).options_type, split_source.options, source=source,
                   lines=lines, path=f"data.{split}.options")
+        if split_source.hub is not None:
+            if split_source.format not in ROW_FORMATS:
+                raise ConfigError(f"{source}: key 'data.{split}.hub': format {split_source.format!r} cannot be read "
+                                  f"from the hub; formats that can: {', '.join(sorted(ROW_FORMATS))}")
+            from_dict(READERS.get(split_source.format).options_type, _hub_options(split_source), source=source,
+                      lines=lines, path=f"data.{split}.hub.options")
     task = task_cls(config, options)
     try:
         task.main_metric()
@@ -85,23 +92,56 @@ def _sources(config: TaskConfig) -> list[tuple[str, SplitSource]]:
 
 
 def read_split(source: SplitSource, root: Path, where: str, origin: str = "") -> list[Record]:
-    """Read one split; a missing file says where the data root is and, from the task's description, where the
-    dataset comes from."""
+    """Read one split: its local file, or its ``hub`` copy when the file is missing (or none is named). A missing
+    file without a hub copy says where the data root is and, from the task's description, where the dataset comes
+    from; a hub copy that cannot be loaded says so in one line naming both the local path and the hub source."""
     reader = READERS.get(source.format)
     path = None
     if source.path is not None:
         path = Path(source.path).expanduser()
         path = path if path.is_absolute() else root / path
         if not path.exists():
+            if source.hub is not None:
+                return _limited(_read_hub(source, where, f"data file not found: {path}", root, origin), source)
             comes_from = f"; the dataset: {origin}" if origin else ""
             raise DataError(f"{where}: data file not found: {path} (data root {root}; set MULTITASK_DATA_ROOT "
                             f"or the experiment's data_root to where the data lives{comes_from})")
+    elif source.hub is not None and source.format != "hf_dataset":
+        return _limited(_read_hub(source, where, "no local file is named", root, origin), source)
     options = from_dict(reader.options_type, source.options, source=where)
     records = reader.read(path, options)
     if not records:
         raise DataError(f"{where}: {path or 'the dataset'} holds no records (the file is empty or has only blank "
                         f"lines, headers or document markers)")
+    return _limited(records, source)
+
+
+def _limited(records: list[Record], source: SplitSource) -> list[Record]:
     return records if source.limit is None else records[: source.limit]
+
+
+def _hub_options(source: SplitSource) -> dict[str, Any]:
+    """The reader options for hub rows: the split's own, with the hub's on top."""
+    return {**source.options, **(source.hub.options if source.hub is not None else {})}
+
+
+def _read_hub(source: SplitSource, where: str, local: str, root: Path, origin: str) -> list[Record]:
+    """The split's hub copy as the records its format gives (see multitask.data.hub)."""
+    hub = source.hub
+    options = from_dict(READERS.get(source.format).options_type, _hub_options(source), source=where,
+                        path="hub.options")
+    try:
+        records = hub_records(hub, source.format, options)
+    except HubLoadError as error:
+        raise DataError(f"{where}: {local}, and its hub copy {hub.describe()} could not be loaded ({error}); put the "
+                        f"file there (data root {root}; set MULTITASK_DATA_ROOT or the experiment's data_root) or go "
+                        f"online so `datasets` can download {hub.name}"
+                        + (f"; the dataset: {origin}" if origin else "")) from None
+    except DataError as error:
+        raise DataError(f"{where}: hub copy {hub.describe()}: {error}") from None
+    if not records:
+        raise DataError(f"{where}: hub copy {hub.describe()} holds no rows")
+    return records
 
 
 def load_task_data(task: TaskType, root: Path, source: str = "<task>") -> LoadedTask:
