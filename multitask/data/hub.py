@@ -50,8 +50,10 @@ def load_hub_split(hub: HubSource) -> Any:
     """The hub source's split as a ``datasets.Dataset``; HubLoadError (one line) when it cannot be loaded."""
     try:
         return load_hf_dataset(hub.name, hub.config, hub.split, revision=hub.revision, from_disk=saved_copy(hub.name))
-    except (DataError, ConfigError) as error:
-        raise HubLoadError(str(error)) from None
+    except ConfigError as error:  # loaded, but it has no such split: a setting to fix, not a download to retry
+        raise DataError(str(error).replace("data option 'split'", "hub 'split'")) from None
+    except DataError as error:
+        raise HubLoadError(str(error).removeprefix(f"{saved_copy(hub.name) or hub.name}: ")) from None
 
 
 def hub_records(hub: HubSource, format: str, options: Any) -> list[Record]:
