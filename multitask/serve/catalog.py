@@ -1,0 +1,194 @@
+"""The runs one server holds, the public names of their tasks, and the model pass the batcher calls.
+
+One run: its tasks keep their names (``cls``; ``tiny/cls`` is accepted too). Several runs: every task is named
+``run/task``. Runs served together share one encoder in memory, so each further task costs a prefix and a head.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from multitask.backbone import is_legacy_fingerprint
+from multitask.config import from_dict
+from multitask.errors import CheckpointError, ConfigError
+from multitask.run import TrainedRun, load_run
+from multitask.tasks.base import TaskType
+from multitask.tasks.config import TaskConfig
+from multitask.training.checkpoint import checkpoint_dir
+
+# Methods whose checkpoint changes the encoder itself: their encoder cannot be shared with another run.
+OWN_ENCODER_METHODS = ("full_ft", "lora")
+
+
+class UnknownTask(ConfigError):
+    """A request names a task this server does not serve (answered 404)."""
+
+
+@dataclass(frozen=True)
+class ServedTask:
+    name: str  # the public name
+    run_name: str
+    run: TrainedRun
+    task_name: str  # its name inside the run
+
+    @property
+    def task(self) -> TaskType:
+        return self.run.tasks[self.task_name]
+
+    @property
+    def takes_text(self) -> bool:
+        """Whether a plain text is a whole input (QA needs a question and a context)."""
+        return self.task_name in self.run.text_tasks()
+
+    def describe(self) -> dict[str, Any]:
+        task = self.task
+        return {"name": self.name, "run": self.run_name, "task": self.task_name, "type": task.config.type,
+                "labels": list(task.labels), "label_names": task.config.label_names,
+                "input_schema": type(task).input_schema}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One parsed input bound to its task: what the batcher queues."""
+
+    task: ServedTask
+    example: Any
+
+
+class Catalog:
+    """Served tasks by public name; ``predict`` is the batcher's model pass."""
+
+    def __init__(self, tasks: list[ServedTask]) -> None:
+        self.tasks = {task.name: task for task in tasks}
+        if len(self.tasks) != len(tasks):
+            raise ConfigError("two served tasks have the same name")
+        self.runs: dict[str, TrainedRun] = {}
+        for task in tasks:
+            self.runs.setdefault(task.run_name, task.run)
+        self._qualified = {f"{task.run_name}/{task.task_name}": task for task in tasks}
+
+    @classmethod
+    def from_runs(cls, runs: dict[str, TrainedRun]) -> Catalog:
+        """Every task of every run: plain names for one run, ``run/task`` for several."""
+        for name in runs:
+            if not name or "/" in name:
+                raise ConfigError(f"run name {name!r}: expected a non-empty name without '/'")
+        plain = len(runs) == 1
+        return cls([ServedTask(task if plain else f"{run_name}/{task}", run_name, run, task)
+                    for run_name, run in runs.items() for task in run.tasks])
+
+    def resolve(self, name: str) -> ServedTask:
+        task = self.tasks.get(name) or self._qualified.get(name)
+        if task is not None:
+            return task
+        hint = ""
+        similar = [served for served in self.tasks if served.rsplit("/", 1)[-1] == name]
+        if similar:
+            hint = f" (tasks are named run/task here: {', '.join(similar)})"
+        raise UnknownTask(f"task {name!r} is not served{hint}; served tasks: {', '.join(self.tasks)}")
+
+    def parse(self, name: str, inputs: list[Any]) -> list[Item]:
+        """Items of one task's raw inputs; UnknownTask, or DataError naming the first malformed input."""
+        task = self.resolve(name)
+        return [Item(task, example) for example in task.run.parse_inputs(task.task_name, inputs)]
+
+    def describe(self) -> dict[str, Any]:
+        """GET /v1/tasks: the runs, and every task with its type, labels and input format."""
+        runs = [{"name": name, "encoder": run.experiment.encoder.name, "method": run.experiment.method,
+                 "tasks": [task.name for task in self.tasks.values() if task.run_name == name]}
+                for name, run in self.runs.items()]
+        return {"runs": runs, "tasks": [task.describe() for task in self.tasks.values()]}
+
+    def text_tasks(self) -> list[ServedTask]:
+        return [task for task in self.tasks.values() if task.takes_text]
+
+    def predict(self, items: list[Item]) -> list[dict[str, Any]]:
+        """One prediction per item, in order: one (mixed-task) model pass per run among the items."""
+        by_run: dict[int, dict[str, list[int]]] = {}
+        runs: dict[int, TrainedRun] = {}
+        for index, item in enumerate(items):
+            runs[id(item.task.run)] = item.task.run
+            by_run.setdefault(id(item.task.run), {}).setdefault(item.task.task_name, []).append(index)
+        results: list[Any] = [None] * len(items)
+        for key, tasks in by_run.items():
+            examples = {task: [items[i].example for i in indices] for task, indices in tasks.items()}
+            predictions = runs[key].predict_examples(examples)
+            for task, indices in tasks.items():
+                for index, prediction in zip(indices, predictions[task]):
+                    results[index] = prediction
+        return results
+
+
+# ---- loading
+@dataclass(frozen=True)
+class RunSpec:
+    path: Path
+    name: str | None = None  # the namespace; default: the run's experiment name
+
+    @classmethod
+    def parse(cls, spec: str) -> RunSpec:
+        """``DIR`` or ``NAME=DIR`` (a directory whose own name holds '=' is taken whole)."""
+        name, sep, path = spec.partition("=")
+        if sep and name and path and not Path(spec).exists():
+            return cls(Path(path), name)
+        return cls(Path(spec))
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    meta = checkpoint_dir(path) / "meta.json"  # CheckpointError when there is none
+    try:
+        return json.loads(meta.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{meta}: unreadable ({error})") from None
+
+
+def _needs_pooler(meta: dict[str, Any], path: Path) -> bool:
+    configs = [from_dict(TaskConfig, saved["config"], source=f"{path}/checkpoint/meta.json") for saved in meta["tasks"]]
+    return any(config.head.pooling == "pooler" for config in configs)
+
+
+def check_shareable(specs: list[RunSpec], metas: list[dict[str, Any]]) -> None:
+    """Runs served together must be trained on one encoder and leave it untouched (a fully fine-tuned or LoRA run
+    brings an encoder of its own, whose inputs could never share a model pass); checked before anything loads."""
+    if len(specs) < 2:
+        return
+    for spec, meta in zip(specs, metas):
+        if meta["method"] in OWN_ENCODER_METHODS:
+            raise ConfigError(f"{spec.path}: method {meta['method']!r} changes the encoder, so this run cannot share "
+                              f"one with other runs; serve it alone")
+    first, first_encoder = specs[0], metas[0]["encoder"]
+    for spec, meta in zip(specs[1:], metas[1:]):
+        encoder = meta["encoder"]
+        # Fingerprints of two versions cannot be compared here; load_run checks those against the loaded encoder.
+        comparable = not is_legacy_fingerprint(encoder["fingerprint"]) and not is_legacy_fingerprint(
+            first_encoder["fingerprint"])
+        if comparable and encoder["fingerprint"] != first_encoder["fingerprint"]:
+            raise ConfigError(f"runs served together must share one encoder: {first.path} was trained on "
+                              f"{first_encoder['name']!r} (fingerprint {first_encoder['fingerprint']}), {spec.path} "
+                              f"on {encoder['name']!r} (fingerprint {encoder['fingerprint']}); serve them from "
+                              f"separate processes")
+
+
+def load_catalog(specs: list[str], **load_options: Any) -> Catalog:
+    """Load ``DIR`` / ``NAME=DIR`` runs onto one encoder (the later runs are checked against it by fingerprint);
+    ``load_options`` go to :func:`load_run` (device, precision, batch_size)."""
+    if not specs:
+        raise ConfigError("give at least one run directory")
+    parsed = [RunSpec.parse(spec) for spec in specs]
+    metas = [_read_meta(spec.path) for spec in parsed]
+    names = [spec.name or meta["experiment"]["name"] for spec, meta in zip(parsed, metas)]
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated is not None:
+        raise ConfigError(f"two runs are named {repeated!r}; name them apart with NAME=DIR")
+    check_shareable(parsed, metas)
+    # The shared encoder is loaded by the first run that pools with it, so it has its pooler when any run needs it.
+    order = sorted(range(len(parsed)), key=lambda i: not _needs_pooler(metas[i], parsed[i].path))
+    loaded: dict[int, TrainedRun] = {}
+    for i in order:
+        first = loaded.get(order[0])
+        shared = {} if first is None else {"encoder": first.model.encoder, "tokenizer": first.tokenizer}
+        loaded[i] = load_run(parsed[i].path, **shared, **load_options)
+    return Catalog.from_runs({name: loaded[i] for i, name in enumerate(names)})
