@@ -24,7 +24,7 @@ from multitask.prefix.config import PrefixConfig
 from multitask.runtime import load_tokenizer
 from multitask.tasks.loading import load_task
 from multitask.training.batching import TaskBatchStream
-from multitask.training.evaluation import to_inputs
+from multitask.model import ModelInputs
 
 TARGET = 3.0  # padded epoch time / dynamic epoch time
 
@@ -64,7 +64,7 @@ def main() -> None:
         batches = []
         for _ in range(num_batches):
             batch = task.collate([features[i] for i in stream.next_batch()], pad_id)
-            inputs = to_inputs(batch, 0, device)
+            inputs = ModelInputs.of_task(batch, 0).to(device)
             batches.append((widen(inputs, pad_to, pad_id) if pad_to else inputs, batch.targets.to(device)))
         return batches
 

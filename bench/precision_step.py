@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import common
 from multitask.prefix.config import PrefixConfig
-from multitask.training.evaluation import autocast
-from multitask.training.precision import resolve_precision
+from multitask.inference.device import autocast
+from multitask.inference.precision import resolve_precision
 
 TARGET = 0.8  # bf16 prefix step / fp32 prefix step (bench/README.md)
 BF16 = "prefix, bf16 autocast"

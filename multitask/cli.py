@@ -1,4 +1,4 @@
-"""Command line: multitask train | evaluate | predict | validate | types."""
+"""Command line: multitask train | evaluate | predict | serve | validate | compare | types."""
 
 from __future__ import annotations
 
@@ -88,19 +88,55 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise MultitaskError("--file needs --task: the file is read in that task's format")
     output_dir = Path(args.output_dir or Path(args.run_dir) / "evaluation")
     _setup_logging()
-    run = load_run(args.run_dir)
+    run = _load_run(args)
     report = evaluate_run(run, output_dir, args.task, Path(args.file) if args.file else None, args.split_name)
     print(render_markdown(report))
     print(f"evaluation written to {output_dir}")
 
 
+def _load_run(args: argparse.Namespace):
+    from multitask.run import load_run
+
+    return load_run(args.run_dir, device=args.device, precision=args.precision, batch_size=args.batch_size,
+                    progress=True)
+
+
+def add_inference_options(parser: argparse.ArgumentParser) -> None:
+    """Where and how a loaded run computes: shared by evaluate, predict and serve."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+                        help="autocast precision (default: the run's own setting)")
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="inputs per forward pass (default: the run's evaluation batch size)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
-    from multitask.run import load_run, predict_file
+    from multitask.run import predict_file
 
     _setup_logging()
-    run = load_run(args.run_dir)
+    run = _load_run(args)
     count = predict_file(run, args.task, Path(args.input), Path(args.output))
     print(f"{count} predictions written to {args.output}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from multitask.serve import Limits, ServeSettings, serve
+
+    settings = ServeSettings(args.max_batch, args.max_wait_ms, args.max_queue, args.api_key,
+                             Limits(args.max_request_bytes, args.max_inputs, args.max_input_chars))
+    _setup_logging()
+    serve(args.runs, args.host, args.port, settings, log_level=args.log_level, graceful_timeout=args.graceful_timeout,
+          device=args.device, precision=args.precision, batch_size=args.batch_size or args.max_batch)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -152,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--file", help="a file in the task's format (needs --task)")
     evaluate.add_argument("--split-name", default="custom")
     evaluate.add_argument("--output-dir")
+    add_inference_options(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = sub.add_parser("predict", help="predict on raw inputs (JSONL in, JSONL out)")
@@ -159,7 +196,28 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--task", required=True)
     predict.add_argument("--input", required=True)
     predict.add_argument("--output", required=True)
+    add_inference_options(predict)
     predict.set_defaults(func=cmd_predict)
+
+    serve = sub.add_parser("serve", help="serve every task of one or more runs over HTTP (README: Serving)")
+    serve.add_argument("runs", nargs="+", metavar="RUN", help="a run directory, or NAME=DIR to name its namespace")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--max-batch", type=_positive_int, default=32,
+                       help="inputs per model pass (micro-batch); for serve, --batch-size defaults to it")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="how long an input waits for others to join its model pass")
+    serve.add_argument("--max-queue", type=_positive_int, default=1024, help="inputs waiting; beyond it: 503")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* and /metrics")
+    serve.add_argument("--max-request-bytes", type=_positive_int, default=2 << 20, help="larger bodies: 413")
+    serve.add_argument("--max-inputs", type=_positive_int, default=256, help="inputs per request; more: 422")
+    serve.add_argument("--max-input-chars", type=_positive_int, default=20_000,
+                       help="characters per input (all its strings); more: 422")
+    serve.add_argument("--graceful-timeout", type=int, default=30,
+                       help="seconds to finish in-flight requests on shutdown")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_inference_options(serve)
+    serve.set_defaults(func=cmd_serve)
 
     validate = sub.add_parser("validate", help="check task or experiment YAML files and their data")
     validate.add_argument("paths", nargs="+")

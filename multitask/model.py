@@ -22,6 +22,12 @@ class ModelInputs:
     task_ids: torch.Tensor
     token_type_ids: torch.Tensor | None = None
 
+    @classmethod
+    def of_task(cls, batch, task_id: int) -> "ModelInputs":
+        """A one-task batch (``multitask.tasks.base.Batch``): every row gets ``task_id``."""
+        task_ids = torch.full((batch.input_ids.shape[0],), task_id, dtype=torch.long)
+        return cls(batch.input_ids, batch.attention_mask, task_ids, batch.token_type_ids)
+
     def rows(self, index: torch.Tensor) -> "ModelInputs":
         take = lambda t: None if t is None else t[index]  # noqa: E731
         return ModelInputs(take(self.input_ids), take(self.attention_mask), take(self.task_ids), take(self.token_type_ids))

@@ -18,7 +18,7 @@ from multitask.experiment import ExperimentConfig, LoraSettings, TaskEntry
 from multitask.heads import HEADS
 from multitask.model import MultiTaskModel
 from multitask.prefix.bank import TaskPrefixRequest, plan_layout
-from multitask.tasks.base import Feature, TaskType
+from multitask.tasks.base import Feature, TaskType, featurize_examples
 from multitask.tasks.loading import load_task, load_task_data
 from multitask.tuning import TaskTuning, resolve_tuning
 
@@ -74,7 +74,8 @@ def load_tasks(experiment: ExperimentConfig, config_path: Path | None) -> list[t
 
 def _featurize(task: TaskType, examples: list[Any], tokenizer, training: bool, cache_dir: str, token_hash: str):
     key = cache_key(token_hash, {"config": task.config, "labels": task.labels}, examples, training)
-    features, hit = cached(cache_dir, key, lambda: task.featurize(examples, tokenizer, training))
+    features, hit = cached(cache_dir, key,
+                           lambda: featurize_examples(task, examples, tokenizer, training, progress=True))
     log.info("task %s: %d features (%s)", task.config.name, len(features), "cached" if hit else "tokenized")
     return features
 

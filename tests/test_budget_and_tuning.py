@@ -16,7 +16,7 @@ from multitask.runtime import load_tasks
 from multitask.reporting.comparison import time_to_reach
 from multitask.tasks.ner import NerTask
 from multitask.training.optim import ProgressSchedule
-from multitask.training.precision import resolve_precision
+from multitask.inference.precision import resolve_precision
 from multitask.training.trainer import Trainer
 from multitask.tuning import resolve_tuning
 from tests.fixtures import write_project

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from multitask.data.records import Record
 from multitask.errors import ConfigError, DataError
@@ -21,6 +22,8 @@ from multitask.tasks.config import TaskConfig
 from multitask.tuning import TuningDefaults
 
 TASK_TYPES: Registry[type["TaskType"]] = Registry("task type")
+# Examples tokenised per call when featurizing with a progress bar (one call per chunk, so the bar moves).
+FEATURIZE_CHUNK = 1024
 
 
 @dataclass
@@ -72,6 +75,7 @@ class TaskType(ABC):
     has_labels: ClassVar[bool] = True
     # What one prediction input looks like (JSON Schema): shown by the server's /v1/tasks and `multitask types`.
     input_schema: ClassVar[dict[str, Any]] = {}
+    accepts_plain_text: ClassVar[bool] = True  # whether a bare string is a whole input (`analyze` runs such tasks)
     # Measured for classification (SST-2) and ner (CoNLL-2003), checked on qa (SQuAD): docs/tuning.md. A type that
     # trains better otherwise sets its own.
     tuning_defaults: ClassVar[TuningDefaults] = TuningDefaults()
@@ -117,7 +121,22 @@ class TaskType(ABC):
             raise ConfigError(f"task {self.config.name!r}: the {len(train_examples)} training examples carry no label "
                               f"(check the 'fields' mapping of the label column, or list them under 'labels')")
 
+    def label_name(self, label: str) -> str:
+        """The name people read for a label (``label_names`` in the task file), else the label itself."""
+        return (self.config.label_names or {}).get(label, label)
+
+    def check_label_names(self) -> None:
+        names = self.config.label_names or {}
+        unknown = [label for label in names if label not in self.labels]
+        if unknown:
+            raise ConfigError(f"task {self.config.name!r}: label_names names label {unknown[0]!r}, which is not in "
+                              f"the label set {self.labels}")
+        shown = [self.label_name(label) for label in self.labels]
+        if len(set(shown)) != len(shown):
+            raise ConfigError(f"task {self.config.name!r}: label_names gives two labels the same name ({shown})")
+
     def check_labels(self, examples: list[Any], split: str) -> None:
+        self.check_label_names()
         known = set(self.labels)
         for example in examples:
             unknown = [label for label in self.example_labels(example) if label not in known]
@@ -174,3 +193,21 @@ class TaskType(ABC):
         if main not in self.metric_names:
             raise ConfigError(f"task {self.config.name!r}: main_metric {main!r} is not one of {list(self.metric_names)}")
         return main
+
+
+def featurize_examples(
+    task: TaskType, examples: list[Any], tokenizer, training: bool, progress: bool = False
+) -> list[Feature]:
+    """The task's features for ``examples``, tokenised in chunks under a progress bar when there are many."""
+    if not progress or len(examples) <= FEATURIZE_CHUNK:
+        return task.featurize(examples, tokenizer, training)
+    features: list[Feature] = []
+    with tqdm(total=len(examples), desc=f"tokenising {task.config.name}", unit="ex", disable=None,
+              leave=False) as bar:
+        for start in range(0, len(examples), FEATURIZE_CHUNK):
+            chunk = task.featurize(examples[start : start + FEATURIZE_CHUNK], tokenizer, training)
+            for feature in chunk:  # a chunk numbers its examples from 0
+                feature.example_index += start
+            features.extend(chunk)
+            bar.update(min(FEATURIZE_CHUNK, len(examples) - start))
+    return features

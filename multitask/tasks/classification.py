@@ -38,6 +38,8 @@ def text_example_from_raw(raw: dict[str, Any], index: int, source: str) -> TextE
         raw = {"text": raw}
     if not isinstance(raw, dict) or not isinstance(raw.get("text"), str):
         raise DataError(f"{source}: expected an object with a string 'text' (and optional 'text_pair')")
+    if raw.get("text_pair") is not None and not isinstance(raw["text_pair"], str):
+        raise DataError(f"{source}: 'text_pair' must be a string, got {type(raw['text_pair']).__name__}")
     return TextExample(str(raw.get("id", index)), raw["text"], raw.get("text_pair"))
 
 
@@ -53,19 +55,24 @@ def read_text_fields(task: TaskType, record: Record, index: int) -> tuple[str, s
 def text_features(
     examples: Sequence[TextExample], tokenizer, max_length: int, target_of: Callable[[TextExample], Any]
 ) -> list[Feature]:
-    """One feature per (text, text_pair) example, tokenized in one batch call; ``target_of`` gives its target."""
-    texts = [e.text for e in examples]
-    pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
-    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-    return [
-        Feature(
-            input_ids=encoded["input_ids"][i],
-            token_type_ids=encoded["token_type_ids"][i] if "token_type_ids" in encoded else None,
-            example_index=i,
-            target=None if example.label is None else target_of(example),
-        )
-        for i, example in enumerate(examples)
-    ]
+    """One feature per example, single texts and pairs alike (detected per example: inputs may mix them), tokenized
+    in one batch call per kind; ``target_of`` gives its target."""
+    features: list[Feature | None] = [None] * len(examples)
+    for paired in (False, True):
+        indices = [i for i, e in enumerate(examples) if (e.text_pair is not None) == paired]
+        if not indices:
+            continue
+        texts = [examples[i].text for i in indices]
+        pairs = [examples[i].text_pair for i in indices] if paired else None
+        encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        for row, i in enumerate(indices):
+            features[i] = Feature(
+                input_ids=encoded["input_ids"][row],
+                token_type_ids=encoded["token_type_ids"][row] if "token_type_ids" in encoded else None,
+                example_index=i,
+                target=None if examples[i].label is None else target_of(examples[i]),
+            )
+    return features
 
 
 class ClassificationTask(TaskType):
@@ -109,16 +116,21 @@ class ClassificationTask(TaskType):
         return predictions
 
     def score(self, examples: list[TextExample], predictions: list[dict[str, Any]]) -> MetricResult:
-        gold = [e.label for e in examples]
-        return classification_metrics(gold, [p["label"] for p in predictions], self.labels)
+        # Scored over the labels' names, so per-class scores and the confusion matrix read as people name them.
+        name = self.label_name
+        return classification_metrics([name(e.label) for e in examples], [name(p["label"]) for p in predictions],
+                                      [name(label) for label in self.labels])
 
     def prediction_record(self, example: TextExample, prediction: dict[str, Any]) -> dict[str, Any]:
         row = {"id": example.guid, "text": example.text}
         if example.text_pair is not None:
             row["text_pair"] = example.text_pair
         if example.label is not None:
-            row["gold"] = example.label
-        return {**row, **prediction}
+            row["gold"] = self.label_name(example.label)
+        shown = {"label": self.label_name(prediction["label"])}
+        if self.config.label_names:
+            shown["label_id"] = prediction["label"]  # the label as in the data, beside its name
+        return {**row, **prediction, **shown}
 
 
 TASK_TYPES.register("classification", ClassificationTask)

@@ -110,15 +110,19 @@ class MultiLabelTask(TaskType):
         return predictions
 
     def score(self, examples: list[TextExample], predictions: list[dict[str, Any]]) -> MetricResult:
-        return multilabel_metrics([e.label for e in examples], [p["labels"] for p in predictions], self.labels)
+        names = lambda labels: [self.label_name(label) for label in labels]  # noqa: E731
+        return multilabel_metrics([names(e.label) for e in examples], [names(p["labels"]) for p in predictions],
+                                  names(self.labels))
 
     def prediction_record(self, example: TextExample, prediction: dict[str, Any]) -> dict[str, Any]:
         row: dict[str, Any] = {"id": example.guid, "text": example.text}
         if example.text_pair is not None:
             row["text_pair"] = example.text_pair
         if example.label is not None:
-            row["gold"] = example.label
-        return {**row, **prediction}
+            row["gold"] = [self.label_name(label) for label in example.label]
+        shown = {"labels": [self.label_name(label) for label in prediction["labels"]],
+                 "probabilities": {self.label_name(k): p for k, p in prediction["probabilities"].items()}}
+        return {**row, **prediction, **shown}
 
 
 TASK_TYPES.register("multilabel", MultiLabelTask)

@@ -134,6 +134,7 @@ def truncate_questions(questions: list[str], tokenizer, max_tokens: int) -> list
 
 class QATask(TaskType):
     name = "qa"
+    accepts_plain_text = False
     input_schema = {
         "type": "object", "required": ["question", "context"],
         "properties": {"question": {"type": "string"}, "context": {"type": "string"}, "id": {"type": "string"}},

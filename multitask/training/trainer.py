@@ -16,8 +16,10 @@ from tqdm.auto import tqdm
 from multitask.backbone import enable_activation_checkpointing, encoder_fingerprint, load_encoder
 from multitask.config import to_dict
 from multitask.errors import CheckpointError, ConfigError
+from multitask.inference import InferenceEngine
+from multitask.inference.device import autocast, resolve_device
 from multitask.experiment import ExperimentConfig
-from multitask.model import MultiTaskModel
+from multitask.model import ModelInputs, MultiTaskModel
 from multitask.reporting import RunReport, TaskReport, write_reports
 from multitask.runtime import TaskRuntime, build_model, load_tokenizer, prepare_tasks
 from multitask.training import distributed
@@ -25,10 +27,9 @@ from multitask.training.batching import TaskBatchStream
 from multitask.training.checkpoint import (
     load_training_state, save_checkpoint, save_training_state, trainable_state,
 )
-from multitask.training.evaluation import autocast, evaluate, to_inputs
 from multitask.prefix.initialization import initialize_prefixes
 from multitask.training.optim import ProgressSchedule, build_optimizer
-from multitask.training.precision import resolve_precision
+from multitask.inference.precision import resolve_precision
 from multitask.training.rng import restore_rng_state, rng_state, seed_everything
 from multitask.training.sampler import make_sampler
 from multitask.utils.memory import rss_bytes
@@ -56,12 +57,6 @@ class History:
         if len(window) == LOSS_WINDOW:
             self.loss.setdefault(task, []).append((step, sum(window) / len(window)))
             window.clear()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def total_steps(
@@ -181,6 +176,8 @@ class Trainer:
         self.history, self.elapsed, self.examples_seen = History(), 0.0, 0
         self.train_seconds, self.evaluation_seconds = 0.0, 0.0
         self.pad_id = self.tokenizer.pad_token_id or 0
+        self.engine = InferenceEngine(self.model, self.tokenizer, {t.name: t.task for t in self.tasks}, self.device,
+                                      self.precision, experiment.evaluation.batch_size, progress=progress)
         if saved is not None:
             self._restore(saved)
         self.preparation_seconds = time.perf_counter() - preparation_started
@@ -287,7 +284,7 @@ class Trainer:
             weight = terms / self.mean_terms[task_name] if task_name in self.mean_terms else 1.0
             with distributed.accumulation_context(self.train_model, sync=micro == accumulation - 1):
                 with autocast(self.device, self.precision):
-                    inputs = to_inputs(batch, self.model.task_id(task_name), self.device)
+                    inputs = ModelInputs.of_task(batch, self.model.task_id(task_name)).to(self.device)
                     logits, _ = self.train_model(inputs)[task_name]
                     loss = runtime.task.loss(logits, batch.targets.to(self.device))
                 self.scaler.scale(loss * (share * distributed.world_size() * weight) / accumulation).backward()
@@ -311,10 +308,7 @@ class Trainer:
             for split in splits:
                 if split not in runtime.features:
                     continue
-                evaluation = evaluate(
-                    self.model, runtime.task, runtime.examples[split], runtime.features[split],
-                    self.experiment.evaluation.batch_size, self.device, self.precision, self.pad_id,
-                )
+                evaluation = self.engine.evaluate(runtime.name, runtime.examples[split], runtime.features[split])
                 if evaluation is not None:
                     results.setdefault(runtime.name, {})[split] = evaluation
         return results

@@ -1,0 +1,94 @@
+"""Assemble a trained model from a run's checkpoint: tasks, encoder (checked by fingerprint), prefixes, heads."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from multitask.backbone import (
+    encoder_fingerprint, encoder_shape, fingerprint_matches, is_legacy_fingerprint, load_encoder,
+)
+from multitask.config import from_dict
+from multitask.errors import CheckpointError
+from multitask.experiment import ExperimentConfig
+from multitask.model import MultiTaskModel
+from multitask.prefix.bank import PrefixLayout
+from multitask.prefix.config import PrefixConfig
+from multitask.runtime import add_lora, build_heads
+from multitask.tasks.base import TaskType
+from multitask.tasks.config import TaskConfig
+from multitask.tasks.loading import task_type_from_config
+from multitask.training.checkpoint import read_checkpoint
+
+
+@dataclass
+class LoadedCheckpoint:
+    experiment: ExperimentConfig
+    tasks: dict[str, TaskType]
+    model: MultiTaskModel  # on the CPU, in eval mode
+
+
+def _saved_tasks(meta: dict[str, Any], source: str) -> dict[str, TaskType]:
+    tasks = {}
+    for saved in meta["tasks"]:
+        config = from_dict(TaskConfig, saved["config"], source=source)
+        task = task_type_from_config(config, source)
+        task.labels = list(saved["labels"])
+        task.check_label_names()
+        tasks[config.name] = task
+    return tasks
+
+
+def _rebuild_model(meta: dict[str, Any], tasks: dict[str, TaskType], encoder) -> MultiTaskModel:
+    heads = build_heads(list(tasks.values()), encoder_shape(encoder.config).hidden_size)
+    saved = meta["prefix_layout"]
+    layout = None
+    if saved["task_prefixes"]:
+        layout = PrefixLayout(
+            prefixes={name: PrefixConfig(**cfg) for name, cfg in saved["prefixes"].items()},
+            task_prefixes={task: tuple(names) for task, names in saved["task_prefixes"].items()},
+        )
+    return MultiTaskModel(encoder, heads, layout)
+
+
+def _check_encoder(run_dir: Path, meta: dict[str, Any], encoder, legacy: bool) -> None:
+    fingerprint = meta["encoder"]["fingerprint"]
+    if fingerprint_matches(encoder, fingerprint):
+        return
+    hint = ("; an older version saved this fingerprint over the pooler too, a random one where the checkpoint "
+            "ships none: such a run cannot be checked, retrain it") if legacy else ""
+    raise CheckpointError(f"{run_dir}: this run was trained on encoder {meta['encoder']['name']!r} with fingerprint "
+                          f"{fingerprint}, but the encoder given has fingerprint "
+                          f"{encoder_fingerprint(encoder)}; load it with the same encoder{hint}")
+
+
+def load_checkpoint_model(run_dir: Path, encoder=None) -> LoadedCheckpoint:
+    """The run's model; ``encoder`` (e.g. one already serving another run) must be the one it was trained on."""
+    meta, weights = read_checkpoint(run_dir)
+    source = f"{run_dir}/checkpoint/meta.json"
+    experiment = from_dict(ExperimentConfig, meta["experiment"], source=source)
+    tasks = _saved_tasks(meta, source)
+    checked = meta["method"] != "full_ft"  # a fully fine-tuned run carries its own encoder weights
+    # Fingerprints saved before v2 hashed the pooler too: checking one needs the checkpoint's pooler loaded.
+    legacy = checked and is_legacy_fingerprint(meta["encoder"]["fingerprint"])
+    if encoder is not None and experiment.method in ("full_ft", "lora"):
+        encoder = copy.deepcopy(encoder)  # this run changes the encoder's weights or modules: never a shared one
+    if encoder is None:
+        encoder = load_encoder(meta["encoder"]["name"], experiment.encoder.attention,
+                               with_pooler=any(t.config.head.pooling == "pooler" for t in tasks.values()),
+                               checkpoint_pooler=legacy)
+    if checked:
+        _check_encoder(run_dir, meta, encoder, legacy)
+    model = _rebuild_model(meta, tasks, encoder)
+    if experiment.method == "lora":
+        add_lora(model.encoder, experiment.lora)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    trained_missing = [k for k in missing if not k.startswith("encoder.")]
+    # Fully fine-tuned runs saved before the pooler was left out carry its weights; no head of theirs reads it.
+    unexpected = [k for k in unexpected if not k.startswith("encoder.pooler.")]
+    if trained_missing or unexpected:
+        raise CheckpointError(f"{run_dir}: checkpoint does not match its own meta.json "
+                              f"(missing {trained_missing[:3]}, unexpected {unexpected[:3]})")
+    return LoadedCheckpoint(experiment, tasks, model.eval())
