@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Iterator, Union
 
-from fastapi import Body, Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -117,7 +117,7 @@ class TasksResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: str = Field(description="ok, or draining while the server shuts down (answered 503).")
+    status: str = Field(examples=["ok"])
     runs: list[str]
     tasks: int
     queue_depth: int
@@ -221,15 +221,12 @@ def create_app(catalog: Catalog, settings: ServeSettings | None = None, predict:
                                                settings.max_queue)
     metrics = ServerMetrics(settings.max_batch, lambda: batcher.depth, lambda: batcher.in_flight)
     batcher.on_batch = metrics.observe_batch
-    draining = False
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        nonlocal draining
         batcher.start()
         yield
         # uvicorn has stopped accepting connections and waited for the open ones; finish whatever is queued.
-        draining = True
         await batcher.close()
 
     app = FastAPI(title="multitask serve", version=__version__, lifespan=lifespan,
@@ -301,11 +298,9 @@ def create_app(catalog: Catalog, settings: ServeSettings | None = None, predict:
         return catalog.describe()
 
     @app.get("/health", response_model=HealthResponse, summary="Liveness (no API key needed)")
-    async def health_route(response: Response) -> dict[str, Any]:
-        if draining:
-            response.status_code = 503
-        return {"status": "draining" if draining else "ok", "runs": list(catalog.runs), "tasks": len(catalog.tasks),
-                "queue_depth": batcher.depth, "in_flight": batcher.in_flight}
+    async def health_route() -> dict[str, Any]:
+        return {"status": "ok", "runs": list(catalog.runs), "tasks": len(catalog.tasks), "queue_depth": batcher.depth,
+                "in_flight": batcher.in_flight}
 
     @app.get("/metrics", response_class=PlainTextResponse, dependencies=protected,
              summary="Prometheus metrics (text format)")
