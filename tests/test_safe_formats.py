@@ -266,3 +266,19 @@ def test_a_bit_flipped_checkpoint_or_state_is_named_not_trusted(tmp_path):
         path.write_bytes(bytes(data))
         with pytest.raises(CheckpointError, match="corrupt"):
             load()
+
+
+def test_a_killed_cache_write_leaves_no_temporary_behind_once_idle(tmp_path):
+    """Another run may be writing the shared cache now: only temporaries idle for an hour are removed."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead, live = cache / ".abc.npz.x1.tmp", cache / ".def.npz.x2.tmp"
+    for path in (dead, live):
+        path.write_bytes(b"half")
+    hour_ago = dead.stat().st_mtime - 3601
+    os.utime(dead, (hour_ago, hour_ago))
+    features = [Feature([1, 2, 3], 0, target=1)]
+    value, hit = cached(cache, "k" * 32, lambda: features)
+    assert value == features and not hit
+    assert not dead.exists() and live.exists()
+    assert [p.name for p in cache.iterdir() if p.suffix == ".npz"] == ["k" * 32 + ".npz"]

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from multitask.utils import faults
-from multitask.utils.atomic import atomic_path
+from multitask.utils.atomic import atomic_path, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ LEGACY_SUFFIX = ".pkl"
 META = "meta"
 _UNREADABLE = (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, RecursionError,
                zipfile.BadZipFile, zlib.error)
+# A temporary cache file not written to for this long belongs to a killed write.
+STALE_WRITE_SECONDS = 3600.0
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -88,6 +90,8 @@ def cached(cache_dir: str | Path | None, key: str, build: Callable[[], Any]) -> 
             log.warning("ignoring feature cache entry %s: pickled entries are never loaded; rebuilding it as %s",
                         legacy, path.name)
     value = build()
+    # Entries of writes killed mid-way; an hour idle, since other runs may share this cache and be writing now.
+    remove_stale_temporaries(cache_dir, idle_seconds=STALE_WRITE_SECONDS)
     try:
         arrays = encode_features(value)
     except (TypeError, ValueError) as error:

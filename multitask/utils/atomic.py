@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,11 +46,20 @@ def ensure_writable(directory: str | os.PathLike) -> None:
                               f"--output-dir or free the disk") from error
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files that writes killed mid-way left under ``directory`` (never a finished file)."""
-    stale = [path for path in Path(directory).rglob(".*.tmp") if path.is_file()]
-    for path in stale:
-        path.unlink()
+def remove_stale_temporaries(directory: str | os.PathLike, idle_seconds: float = 0.0) -> list[Path]:
+    """Delete the temporary files that writes killed mid-way left under ``directory`` (never a finished file).
+
+    ``idle_seconds``: only those not written to for that long, for a folder other processes may be writing to
+    right now (a feature cache shared by runs)."""
+    now = time.time()
+    stale = []
+    for path in Path(directory).rglob(".*.tmp"):
+        try:
+            if path.is_file() and now - path.stat().st_mtime >= idle_seconds:
+                path.unlink()
+                stale.append(path)
+        except FileNotFoundError:  # its writer finished (renamed it) or another run removed it meanwhile
+            continue
     return stale
 
 
