@@ -96,6 +96,15 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path):
         make_trainer(config, tmp_path / "run")
 
 
+def test_resume_with_a_changed_config_lists_the_keys_that_differ(tmp_path):
+    config = write_project(tmp_path, max_steps=2)
+    make_trainer(config, tmp_path / "run").train()
+    changed = ["optimization.prefix_lr=0.02", "tasks.0.batch_size=2"]
+    with pytest.raises(CheckpointError, match=r"keys: optimization\.prefix_lr, tasks\.0\.batch_size\); resume with the same"):
+        make_trainer(config, tmp_path / "run", changed, resume=True)
+    make_trainer(config, tmp_path / "run", resume=True)  # the same config resumes
+
+
 def test_checkpoint_refuses_a_different_encoder(tmp_path):
     config = write_project(tmp_path, max_steps=2)
     make_trainer(config, tmp_path / "run").train()

@@ -59,6 +59,22 @@ class History:
             window.clear()
 
 
+def differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the config keys whose values differ (lists of the same length item by item)."""
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        old, new = dict(enumerate(old)), dict(enumerate(new))
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [prefix or "(the whole config)"]
+    paths = []
+    for key in sorted(set(old) | set(new), key=str):
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in old or key not in new:
+            paths.append(path)
+        else:
+            paths.extend(differing_keys(old[key], new[key], path))
+    return paths
+
+
 def total_steps(
     experiment: ExperimentConfig, tasks: list[TaskRuntime], replicas: int, probabilities: dict[str, float]
 ) -> float:
@@ -193,9 +209,10 @@ class Trainer:
         if self.resume and saved.exists():
             previous = json.loads(saved.read_text(encoding="utf-8"))
             if previous != json.loads(json.dumps(resolved)):
-                changed = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
+                changed = differing_keys(previous, json.loads(json.dumps(resolved)))
                 raise CheckpointError(f"{self.run_dir}: the config differs from the run being resumed "
-                                      f"(keys: {', '.join(changed)})")
+                                      f"(keys: {', '.join(changed)}); resume with the same config, or start a new "
+                                      f"run in another --output-dir")
         if distributed.is_main():
             ensure_writable(self.run_dir)
             for stale in remove_stale_temporaries(self.run_dir):
