@@ -254,7 +254,7 @@ def create_app(catalog: Catalog, settings: ServeSettings | None = None, predict:
         except DataError as error:
             raise DataError(in_request(str(error), where)) from None
 
-    async def run(items: list[Item]) -> list[dict[str, Any]]:
+    async def infer(items: list[Item]) -> list[dict[str, Any]]:
         outputs = await batcher.submit(items)
         for item in items:
             metrics.inputs.inc(task=item.task.name)
@@ -269,7 +269,7 @@ def create_app(catalog: Catalog, settings: ServeSettings | None = None, predict:
             wheres = [f"[{k}] task {r.task!r}" if isinstance(body, list) else f"task {r.task!r}"
                       for k, r in enumerate(requests)]
             bound = [bind(r.task, r.inputs, where) for r, where in zip(requests, wheres)]
-            outputs = await run([item for items in bound for item in items])
+            outputs = await infer([item for items in bound for item in items])
         results, start = [], 0
         for request, items in zip(requests, bound):
             results.append({"task": request.task, "predictions": outputs[start: start + len(items)]})
@@ -288,7 +288,7 @@ def create_app(catalog: Catalog, settings: ServeSettings | None = None, predict:
                     raise DataError(f"task {name!r} ({task.task.config.type}) needs a question and a context, not a "
                                     f"text: send it to /v1/predict")
             limits.check_count(len(body.texts) * len(names), f" ({len(body.texts)} texts x {len(names)} tasks)")
-            outputs = await run([item for name in names for item in bind(name, body.texts, f"task {name!r}")])
+            outputs = await infer([item for name in names for item in bind(name, body.texts, f"task {name!r}")])
         count = len(body.texts)
         return {"results": [{name: outputs[t * count + i] for t, name in enumerate(names)} for i in range(count)]}
 

@@ -143,7 +143,10 @@ class MicroBatcher(Generic[Item]):
         finally:
             self.in_flight = 0
         if self.on_batch is not None:
-            self.on_batch(len(batch), time.perf_counter() - started)
+            try:
+                self.on_batch(len(batch), time.perf_counter() - started)
+            except Exception:  # a metrics bug must not stop the collector, or every later request would hang
+                log.exception("on_batch failed")
         for pending, outcome in zip(batch, outcomes):
             if pending.future.done():
                 continue
