@@ -43,6 +43,31 @@ class SamplerConfig:
 
 
 @dataclass
+class FrozenCacheConfig:
+    enabled: bool = field(
+        default=False,
+        metadata={"help": "Compute the hidden states entering the lowest layer with a trainable prefix once per "
+                  "training input and reuse them in every later step and epoch. The frozen layers below run "
+                  "without dropout (eval mode) so that their output is the same every time."},
+    )
+    dtype: Literal["float16", "bfloat16", "float32"] = field(
+        default="bfloat16", metadata={"help": "Stored precision of the cached hidden states."}
+    )
+    location: Literal["memory", "disk"] = field(
+        default="memory",
+        metadata={"help": "memory: this run only; disk: memory-mapped arrays under cache_dir, keyed by encoder, "
+                  "frozen prefixes, tokenizer and task data, reused by later runs."},
+    )
+    max_gb: float = field(
+        default=4.0, metadata={"help": "Most the cache may hold; inputs beyond it are recomputed at every step."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_gb <= 0:
+            raise ValueError(f"max_gb must be > 0, got {self.max_gb}")
+
+
+@dataclass
 class OptimizationConfig:
     max_steps: int | None = field(
         default=None, metadata={"help": "Optimiser steps to train (or use epochs, or max_minutes; with max_minutes, "
@@ -84,6 +109,10 @@ class OptimizationConfig:
         metadata={"help": "Scale each batch's mean loss by its number of loss terms (NER: labelled tokens) over the "
                   "task's average per batch, so every token counts alike whichever batch it lands in. Without it, "
                   "length-grouped batches of short sentences weigh each of their few tokens far more."},
+    )
+    frozen_cache: FrozenCacheConfig = field(
+        default_factory=FrozenCacheConfig,
+        metadata={"help": "Cache of the frozen layers below every trainable prefix (prefix.layers: {top: k})."},
     )
     group_spread: int = field(
         default=1,

@@ -9,18 +9,25 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from multitask.backbone import encoder_shape, freeze
+from multitask.encoder_stages import lower_states, upper_output
 from multitask.heads import EncoderOutput
 from multitask.prefix.bank import PrefixBank, PrefixLayout
 
 
 @dataclass
 class ModelInputs:
-    """A tokenized batch; ``task_ids`` index into the model's task list, one per example (tasks may mix)."""
+    """A tokenized batch; ``task_ids`` index into the model's task list, one per example (tasks may mix).
+
+    ``states``: when given, the hidden states entering layer ``boundary`` (from the frozen-layer cache, or computed
+    once for several tasks): the encoder runs only from that layer up.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     task_ids: torch.Tensor
     token_type_ids: torch.Tensor | None = None
+    states: torch.Tensor | None = None
+    boundary: int = 0
 
     @classmethod
     def of_task(cls, batch, task_id: int) -> "ModelInputs":
@@ -30,11 +37,13 @@ class ModelInputs:
 
     def rows(self, index: torch.Tensor) -> "ModelInputs":
         take = lambda t: None if t is None else t[index]  # noqa: E731
-        return ModelInputs(take(self.input_ids), take(self.attention_mask), take(self.task_ids), take(self.token_type_ids))
+        return ModelInputs(take(self.input_ids), take(self.attention_mask), take(self.task_ids),
+                           take(self.token_type_ids), take(self.states), self.boundary)
 
     def to(self, device: torch.device | str) -> "ModelInputs":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return ModelInputs(move(self.input_ids), move(self.attention_mask), move(self.task_ids), move(self.token_type_ids))
+        return ModelInputs(move(self.input_ids), move(self.attention_mask), move(self.task_ids),
+                           move(self.token_type_ids), move(self.states), self.boundary)
 
 
 @dataclass
@@ -82,8 +91,34 @@ class MultiTaskModel(nn.Module):
     def task_id(self, task: str) -> int:
         return self.task_names.index(task)
 
+    def frozen_below(self) -> int:
+        """The lowest layer with a trainable prefix: nothing below it depends on a trained parameter (0 when the
+        encoder itself trains; the number of layers when nothing in the encoder trains, as in a linear probe)."""
+        if any(p.requires_grad for p in self.encoder.parameters()):
+            return 0
+        layers = [] if self.prefix_bank is None else [
+            layer for encoder in self.prefix_bank.encoders.values() if encoder.length and encoder.trainable
+            for layer in encoder.layers]
+        return min(layers, default=encoder_shape(self.encoder.config).num_layers)
+
+    def shared_below(self, task_ids: torch.Tensor) -> int:
+        """The lowest layer where the prefixes of the given tasks differ: below it one pass serves them all."""
+        if self.prefix_bank is None:
+            return encoder_shape(self.encoder.config).num_layers
+        tasks = [self.task_names[i] for i in torch.unique(task_ids).tolist()]
+        return self.prefix_bank.shared_below(tasks)
+
+    def encode_lower(self, inputs: ModelInputs, boundary: int) -> torch.Tensor:
+        """The hidden states entering layer ``boundary`` (prefixes of the layers below included)."""
+        prefix = self.prefix_bank(inputs.task_ids) if self.prefix_bank is not None and boundary else None
+        return lower_states(self.encoder, inputs.input_ids, inputs.attention_mask, inputs.token_type_ids, boundary,
+                            prefix)
+
     def encode(self, inputs: ModelInputs) -> EncoderOutput:
         prefix = self.prefix_bank(inputs.task_ids) if self.prefix_bank is not None else None
+        if inputs.states is not None:
+            last, pooled = upper_output(self.encoder, inputs.states, inputs.attention_mask, inputs.boundary, prefix)
+            return EncoderOutput(last, inputs.attention_mask, pooled)
         extra = {} if inputs.token_type_ids is None else {"token_type_ids": inputs.token_type_ids}
         output = self.encoder(
             input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, prefix_kv=prefix, **extra

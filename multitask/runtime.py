@@ -110,7 +110,8 @@ def build_heads(tasks: list[TaskType], hidden_size: int) -> dict[str, torch.nn.M
 def prefix_requests(tasks: list[TaskType], tunings: dict[str, TaskTuning]) -> list[TaskPrefixRequest]:
     return [
         TaskPrefixRequest(t.config.name, t.config.prefix.group, tunings[t.config.name].prefix_length,
-                          tunings[t.config.name].reparameterize, tunings[t.config.name].prefix_dropout)
+                          tunings[t.config.name].reparameterize, tunings[t.config.name].prefix_dropout,
+                          t.config.prefix.layers)
         for t in tasks
     ]
 

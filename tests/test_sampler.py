@@ -199,3 +199,12 @@ def test_eval_batches_sorted_and_complete():
     batches = eval_batches(lengths, 3)
     assert batches == [[1, 3, 5], [0, 4, 6], [2]]
     assert eval_batches(lengths, 3) == batches
+
+
+def test_eval_batches_keep_short_inputs_out_of_long_batches():
+    lengths = [300, 12, 280, 10, 9, 150, 11]  # QA windows beside sentences, as a mixed-task request brings
+    batches = eval_batches(lengths, 4, min_fill=0.5)
+    assert batches == [[0, 2, 5], [1, 6, 3, 4]]
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(min(lengths[i] for i in b) >= 0.5 * max(lengths[i] for i in b) for b in batches)
+    assert eval_batches(lengths, 2, min_fill=0.5) == [[0, 2], [5], [1, 6], [3, 4]]

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from multitask.inference.device import autocast
+from multitask.encoder_stages import pad_states
 from multitask.model import ModelInputs, MultiTaskModel
 from multitask.reporting.model import SplitResult
 from multitask.tasks.base import Feature, TaskType, featurize_examples
@@ -24,6 +25,9 @@ from multitask.training import distributed
 from multitask.training.batching import eval_batches
 from multitask.utils import faults
 
+# A batch takes no input shorter than this share of its longest: padding a sentence to a QA window costs more than
+# one more forward pass.
+MIN_FILL = 0.5
 # Fewer batches than this run without a progress bar: a bar for a handful of requests is noise.
 PROGRESS_MIN_BATCHES = 20
 
@@ -80,12 +84,17 @@ class InferenceEngine:
         self.model.eval()
         items = [(name, feature) for name, task_features in features.items() for feature in task_features]
         task_ids = [self.model.task_id(name) for name, _ in items]
-        batches = distributed.shard(eval_batches([len(f) for _, f in items], self.batch_size))
+        shared = self._shared_lower_states(items, task_ids)
+        batches = distributed.shard(eval_batches([len(f) for _, f in items], self.batch_size, MIN_FILL))
         show = self.progress and len(batches) >= PROGRESS_MIN_BATCHES and distributed.is_main()
         computed: list[tuple[int, np.ndarray]] = []
         for indices in tqdm(batches, desc=desc, unit="batch", disable=None if show else True, leave=False):
             faults.reached("evaluation_batch")
             inputs = pad_inputs([items[i][1] for i in indices], [task_ids[i] for i in indices], self.pad_id)
+            if shared is not None:
+                boundary, states = shared
+                inputs.states = pad_states([states[i] for i in indices], inputs.input_ids.shape[1]).float()
+                inputs.boundary = boundary
             with autocast(self.device, self.precision):
                 outputs = self.model(inputs.to(self.device))
             for output, rows in outputs.values():
@@ -100,6 +109,28 @@ class InferenceEngine:
         for (name, _), row in zip(items, gathered):
             per_task[name].append(row)
         return per_task
+
+    def _shared_lower_states(self, items: list[tuple[str, Feature]], task_ids: list[int]):
+        """When several tasks get the same input (``analyze``) and their prefixes agree below some layer, the layers
+        below it run once per distinct input: (boundary, states per item), else None."""
+        if len(set(task_ids)) < 2:
+            return None
+        boundary = self.model.shared_below(torch.tensor(task_ids))
+        distinct: dict[tuple, int] = {}
+        owner = [distinct.setdefault((tuple(f.input_ids), tuple(f.token_type_ids or ())), i)
+                 for i, (_, f) in enumerate(items)]
+        if boundary == 0 or len(distinct) == len(items):
+            return None
+        firsts = list(distinct.values())
+        computed: dict[int, torch.Tensor] = {}
+        for batch in eval_batches([len(items[i][1]) for i in firsts], self.batch_size, MIN_FILL):
+            indices = [firsts[b] for b in batch]
+            inputs = pad_inputs([items[i][1] for i in indices], [task_ids[i] for i in indices], self.pad_id)
+            with autocast(self.device, self.precision):
+                states = self.model.encode_lower(inputs.to(self.device), boundary).float().cpu()
+            for row, index in enumerate(indices):
+                computed[index] = states[row, : len(items[index][1])]
+        return boundary, [computed[owner[i]] for i in range(len(items))]
 
     def predict(self, examples: dict[str, list[Any]]) -> dict[str, list[dict[str, Any]]]:
         """Prediction records for parsed examples of any of the tasks, in one mixed-task pass."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,11 +35,22 @@ class TaskPrefixRequest:
     length: int | None = None
     reparameterize: bool | None = None
     dropout: float | None = None
+    layers: Any = None  # the task's own prefix's layers (PrefixConfig.layers); unset: the bank's default
 
 
-def _settle(default: PrefixConfig, requests: list[TaskPrefixRequest], length: int | None = None) -> PrefixConfig:
+def _same_layers(prefix: str, requests: list[TaskPrefixRequest]) -> Any:
+    """The layers the tasks sharing one prefix ask for: they must agree (a prefix has one depth)."""
+    asked = {str(r.layers): r.layers for r in requests if r.layers is not None}
+    if len(asked) > 1:
+        raise ConfigError(f"prefix {prefix!r}: its tasks ask for different layers ({', '.join(asked)}); give them "
+                          f"the same prefix.layers")
+    return next(iter(asked.values()), None)
+
+
+def _settle(default: PrefixConfig, requests: list[TaskPrefixRequest], length: int | None = None,
+            layers: Any = None) -> PrefixConfig:
     """One prefix's settings from the tasks that use it: the longest length, reparameterised if any task asks,
-    the largest dropout; what no task sets comes from the bank's default prefix settings."""
+    the largest dropout, the layers they agree on; what no task sets comes from the bank's default settings."""
     def pick(name: str, combine, override=None):
         values = [getattr(r, name) for r in requests if getattr(r, name) is not None]
         for candidate in (override, combine(values) if values else None, getattr(default, name)):
@@ -47,7 +59,7 @@ def _settle(default: PrefixConfig, requests: list[TaskPrefixRequest], length: in
         return getattr(FALLBACK, name)
 
     return replace(default, length=pick("length", max, length), reparameterize=pick("reparameterize", any),
-                   dropout=pick("dropout", max))
+                   dropout=pick("dropout", max), layers=layers if layers is not None else default.layers)
 
 
 @dataclass(frozen=True)
@@ -66,16 +78,17 @@ def plan_layout(config: PrefixBankConfig, requests: list[TaskPrefixRequest]) -> 
     for request in requests:
         if not _NAME.match(request.task):
             raise ConfigError(f"task name {request.task!r}: expected letters, digits, '_' or '-'")
+        own = f"task_{request.task}"
         if config.mode == "shared":
-            prefixes[SHARED] = _settle(default, requests)
+            prefixes[SHARED] = _settle(default, requests, layers=config.shared_layers or _same_layers(SHARED, requests))
             task_prefixes[request.task] = (SHARED,)
         elif config.mode == "per_task":
-            prefixes[f"task_{request.task}"] = _settle(default, [request])
-            task_prefixes[request.task] = (f"task_{request.task}",)
-        elif config.mode == "hybrid":
-            prefixes[SHARED] = _settle(default, requests, config.shared_length)
-            prefixes[f"task_{request.task}"] = _settle(default, [request])
-            task_prefixes[request.task] = (SHARED, f"task_{request.task}")
+            prefixes[own] = _settle(default, [request], layers=request.layers)
+            task_prefixes[request.task] = (own,)
+        elif config.mode == "hybrid":  # the tasks' layers are their own prefixes'; the shared one has shared_layers
+            prefixes[SHARED] = _settle(default, requests, config.shared_length, config.shared_layers)
+            prefixes[own] = _settle(default, [request], layers=request.layers)
+            task_prefixes[request.task] = (SHARED, own)
         else:  # groups: tasks naming the same group share one prefix; a task without a group gets its own
             group = request.group or request.task
             name = f"group_{group}"
@@ -83,29 +96,49 @@ def plan_layout(config: PrefixBankConfig, requests: list[TaskPrefixRequest]) -> 
             explicit = {r.length for r in members if r.length is not None}
             if group not in config.group_lengths and len(explicit) > 1:
                 raise ConfigError(f"group {group!r}: tasks ask for different prefix lengths")
-            prefixes.setdefault(name, _settle(default, members, config.group_lengths.get(group)))
+            prefixes.setdefault(name, _settle(default, members, config.group_lengths.get(group),
+                                              _same_layers(name, members)))
             task_prefixes[request.task] = (name,)
     return PrefixLayout(prefixes, task_prefixes)
+
+
+@dataclass
+class LayerPrefix:
+    """One attention layer's prefix: keys/values ``(batch, heads, P, head_dim)``, mask ``(batch, P)`` (False where an
+    example's task has no prefix token at that position), and whether every example sees every position."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    mask: torch.Tensor
+    fully_visible: bool
 
 
 @dataclass
 class PrefixKV:
     """Per-example prefix keys/values for one forward pass, read by the prefix attention function.
 
-    keys/values: ``(batch, num_layers, num_heads, P, head_dim)``; mask: ``(batch, P)``, False where an example's
-    task has a shorter prefix than the longest one in the batch.
+    keys/values: ``(batch, num_layers, num_heads, P, head_dim)``; mask: ``(batch, P)`` or, when prefixes differ
+    between layers, ``(batch, num_layers, P)``: False where an example's task has no prefix token there.
+    ``columns``: per layer, the positions some example of the batch sees (None: all of them; an empty list: the
+    layer has no prefix and attends as the plain encoder does), known from the layout without reading tensors.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     mask: torch.Tensor
+    columns: list[list[int] | None] | None = None
+    full: list[bool] | None = None  # per layer: every example sees every kept position
 
-    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys[:, index], self.values[:, index]
-
-    @property
-    def fully_visible(self) -> bool:
-        return bool(self.mask.all())
+    def layer(self, index: int) -> LayerPrefix | None:
+        mask = self.mask if self.mask.dim() == 2 else self.mask[:, index]
+        keys, values = self.keys[:, index], self.values[:, index]
+        columns = None if self.columns is None else self.columns[index]
+        if columns is not None:
+            if not columns:
+                return None
+            keys, values, mask = keys[:, :, columns], values[:, :, columns], mask[:, columns]
+        full = bool(mask.all()) if self.full is None else self.full[index]
+        return LayerPrefix(keys, values, mask, full)
 
 
 class PrefixBank(nn.Module):
@@ -114,6 +147,7 @@ class PrefixBank(nn.Module):
     def __init__(self, layout: PrefixLayout, num_layers: int, num_heads: int, head_dim: int) -> None:
         super().__init__()
         self.layout = layout
+        self.num_layers = num_layers
         self.task_names = list(layout.task_prefixes)
         self.encoders = nn.ModuleDict(
             {name: PrefixEncoder(cfg, num_layers, num_heads, head_dim) for name, cfg in layout.prefixes.items()}
@@ -126,6 +160,44 @@ class PrefixBank(nn.Module):
     def prefix_length(self, task: str) -> int:
         return sum(self.encoders[name].length for name in self.layout.task_prefixes[task])
 
+    @property
+    def every_layer(self) -> bool:
+        """Whether every prefix lives in every layer (the classic P-Tuning v2 layout)."""
+        return all(len(encoder.layers) == self.num_layers for encoder in self.encoders.values())
+
+    def prefixed_layers(self, task: str | None = None) -> tuple[int, ...]:
+        """The layers in which ``task`` (default: any task) has a prefix token."""
+        names = self.layout.task_prefixes[task] if task is not None else list(self.encoders)
+        return tuple(sorted({layer for name in names if self.encoders[name].length for layer in
+                             self.encoders[name].layers}))
+
+    def shared_below(self, tasks: list[str]) -> int:
+        """The lowest layer in which the given tasks' prefixes differ (all layers: they are the same throughout)."""
+        for layer in range(self.num_layers):
+            present = {tuple(n for n in self.layout.task_prefixes[t]
+                             if self.encoders[n].length and layer in self.encoders[n].layers) for t in tasks}
+            if len(present) > 1:
+                return layer
+        return self.num_layers
+
+    def _layer_positions(self, task: str) -> list[list[bool]]:
+        """Per layer, which of the task's concatenated prefix positions hold a token there."""
+        rows = [[] for _ in range(self.num_layers)]
+        for name in self.layout.task_prefixes[task]:
+            encoder = self.encoders[name]
+            for layer in range(self.num_layers):
+                rows[layer].extend([layer in encoder.layers] * encoder.length)
+        return rows
+
+    def _full_depth(self, name: str, kv: torch.Tensor) -> torch.Tensor:
+        """A prefix's keys/values placed at its layers of a zero ``(num_layers, ...)`` tensor."""
+        layers = self.encoders[name].layers
+        if len(layers) == self.num_layers:
+            return kv
+        full = kv.new_zeros((self.num_layers, *kv.shape[1:]))
+        full[list(layers)] = kv
+        return full
+
     def forward(self, task_ids: torch.Tensor) -> PrefixKV | None:
         """Gather each example's prefix; every prefix encoder runs once per call, however many examples use it."""
         unique_ids = torch.unique(task_ids, sorted=True)
@@ -134,17 +206,27 @@ class PrefixBank(nn.Module):
         longest = max(lengths)
         if longest == 0:
             return None
-        computed = {name: self.encoders[name]() for name in {n for t in tasks for n in self.layout.task_prefixes[t]}}
-        per_task, masks = [], []
+        computed = {name: self._full_depth(name, self.encoders[name]())
+                    for name in {n for t in tasks for n in self.layout.task_prefixes[t]}}
+        per_task = []
         for task, length in zip(tasks, lengths):
             parts = [computed[name] for name in self.layout.task_prefixes[task]]
             kv = torch.cat(parts, dim=3)  # (layers, 2, heads, P_task, head_dim)
             per_task.append(nn.functional.pad(kv, (0, 0, 0, longest - length)))
-            masks.append(torch.arange(longest, device=task_ids.device) < length)
         stacked = torch.stack(per_task)  # (tasks, layers, 2, heads, P, head_dim)
         position = torch.searchsorted(unique_ids, task_ids)
         kv = self.dropout(stacked[position])
-        return PrefixKV(keys=kv[:, :, 0], values=kv[:, :, 1], mask=torch.stack(masks)[position])
+        if self.every_layer:
+            masks = torch.stack([torch.arange(longest, device=task_ids.device) < length for length in lengths])
+            return PrefixKV(keys=kv[:, :, 0], values=kv[:, :, 1], mask=masks[position])
+        visible = [[row + [False] * (longest - len(row)) for row in self._layer_positions(task)] for task in tasks]
+        masks = torch.tensor(visible, dtype=torch.bool, device=task_ids.device)  # (tasks, layers, P)
+        columns, full = [], []
+        for layer in range(self.num_layers):
+            kept = [p for p in range(longest) if any(v[layer][p] for v in visible)]
+            columns.append(kept)
+            full.append(all(v[layer][p] for v in visible for p in kept))
+        return PrefixKV(keys=kv[:, :, 0], values=kv[:, :, 1], mask=masks[position], columns=columns, full=full)
 
     def fold(self) -> None:
         """Replace every reparameterised encoder by its flat equivalent (for saving and fast inference)."""

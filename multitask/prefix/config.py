@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from multitask.errors import ConfigError
 
 
 @dataclass
@@ -21,6 +23,12 @@ class PrefixConfig:
     mlp_hidden_size: int = field(default=512, metadata={"help": "Hidden width of the reparameterisation MLP."})
     dropout: float | None = field(
         default=None, metadata={"help": "Dropout on prefix keys/values while training (unset: the task type's default)."}
+    )
+    layers: Literal["all"] | dict[str, int] | list[int] = field(
+        default="all",
+        metadata={"help": "Attention layers that get this prefix: all, {top: k}, {bottom: k} or a list of layer "
+                  "indices (0 = the lowest). Layers below every trainable prefix need no backward pass, and with "
+                  "optimization.frozen_cache their output is computed once."},
     )
     init: Literal["normal", "uniform", "vocab"] = field(
         default="normal",
@@ -46,8 +54,37 @@ class PrefixConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.init_std is not None and self.init_std <= 0:
             raise ValueError(f"init_std must be > 0, got {self.init_std}")
+        check_layers(self.layers)
         if self.mlp_hidden_size < 1:
             raise ValueError(f"mlp_hidden_size must be >= 1, got {self.mlp_hidden_size}")
+
+
+def check_layers(spec: Any) -> None:
+    """What can be checked without the encoder: the form of a ``layers`` setting."""
+    if isinstance(spec, dict):
+        if len(spec) != 1 or next(iter(spec)) not in ("top", "bottom"):
+            raise ValueError(f"layers: expected all, {{top: k}}, {{bottom: k}} or a list of indices, got {spec}")
+        if next(iter(spec.values())) < 1:
+            raise ValueError(f"layers: k must be >= 1, got {spec}")
+    elif isinstance(spec, list):
+        if not spec or len(set(spec)) != len(spec) or min(spec) < 0:
+            raise ValueError(f"layers: expected distinct layer indices >= 0, got {spec}")
+
+
+def resolve_layers(spec: Any, num_layers: int) -> tuple[int, ...]:
+    """The sorted layer indices a ``layers`` setting names on an encoder of ``num_layers`` layers."""
+    check_layers(spec)
+    if spec == "all":
+        return tuple(range(num_layers))
+    if isinstance(spec, dict):
+        (side, k), = spec.items()
+        if k > num_layers:
+            raise ConfigError(f"prefix layers {{{side}: {k}}}: the encoder has only {num_layers} layers")
+        return tuple(range(num_layers - k, num_layers)) if side == "top" else tuple(range(k))
+    if max(spec) >= num_layers:
+        raise ConfigError(f"prefix layers {spec}: layer {max(spec)} does not exist (the encoder has layers "
+                          f"0..{num_layers - 1})")
+    return tuple(sorted(spec))
 
 
 PrefixMode = Literal["shared", "per_task", "hybrid", "groups"]
@@ -64,6 +101,24 @@ class PrefixBankConfig:
     shared_length: int | None = field(
         default=None, metadata={"help": "Length of the shared prefix in hybrid mode (default: prefix.length)."}
     )
+    shared_layers: Literal["all"] | dict[str, int] | list[int] | None = field(
+        default=None, metadata={"help": "Layers of the shared prefix (shared, hybrid; default: prefix.layers), e.g. "
+                                        "all, with task prefixes in {top: 2}."}
+    )
     group_lengths: dict[str, int] = field(
         default_factory=dict, metadata={"help": "Per-group prefix length overrides (groups mode)."}
     )
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "A finished run directory: prefixes of the same name (shared, task_<name>, group_<name>) "
+                  "and heads of the same task start from its trained weights (same encoder, lengths and layers)."},
+    )
+    freeze: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Prefixes that do not train (e.g. [shared] after init_from: a multi-task shared base with "
+                  "task prefixes trained on top). Frozen prefixes are saved with the run."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.shared_layers is not None:
+            check_layers(self.shared_layers)

@@ -7,25 +7,28 @@ import math
 import torch
 from torch import nn
 
-from multitask.prefix.config import PrefixConfig
+from multitask.prefix.config import PrefixConfig, resolve_layers
 
 
 class PrefixEncoder(nn.Module):
-    """Learned keys/values for ``length`` virtual tokens in every attention layer.
+    """Learned keys/values for ``length`` virtual tokens in the attention layers its config names (``layers``).
 
-    Output shape: ``(num_layers, 2, num_heads, length, head_dim)`` where index 0/1 of dim 1 is key/value.
+    Output shape: ``(len(layers), 2, num_heads, length, head_dim)`` where index 0/1 of dim 1 is key/value and row
+    ``i`` of dim 0 belongs to encoder layer ``layers[i]``.
     With ``reparameterize`` the values come from a small MLP over a prefix embedding (P-Tuning v2's
     reparameterisation); :meth:`fold` evaluates the MLP once and returns an equivalent flat encoder.
     Both kinds start from the same initial keys/values (:meth:`set_initial`), so the virtual tokens start as
     distinct as the chosen initialisation makes them.
     """
 
-    def __init__(self, config: PrefixConfig, num_layers: int, num_heads: int, head_dim: int) -> None:
+    def __init__(self, config: PrefixConfig, encoder_layers: int, num_heads: int, head_dim: int) -> None:
         super().__init__()
         self.config = config
-        self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
+        self.encoder_layers = encoder_layers
+        self.layers = resolve_layers(config.layers, encoder_layers)
+        self.num_layers, self.num_heads, self.head_dim = len(self.layers), num_heads, head_dim
         self.length = config.length
-        out_dim = num_layers * 2 * num_heads * head_dim
+        out_dim = self.num_layers * 2 * num_heads * head_dim
         if config.reparameterize:
             hidden = num_heads * head_dim
             self.embedding = nn.Parameter(torch.empty(config.length, hidden))
@@ -38,6 +41,10 @@ class PrefixEncoder(nn.Module):
         # Until an encoder-aware initialiser (multitask.prefix.initialization) sets real scales or activations,
         # start from random keys/values at init_std (unit scale when that is left to the encoder).
         self.set_initial(random_key_values(config, self.kv_shape, scale=config.init_std or 1.0))
+
+    @property
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
 
     @property
     def kv_shape(self) -> tuple[int, int, int, int, int]:
@@ -72,7 +79,7 @@ class PrefixEncoder(nn.Module):
     def fold(self) -> "PrefixEncoder":
         """A flat encoder holding this encoder's current keys/values: same outputs, no MLP to save or run."""
         flat_config = PrefixConfig(**{**self.config.__dict__, "reparameterize": False})
-        folded = PrefixEncoder(flat_config, self.num_layers, self.num_heads, self.head_dim)
+        folded = PrefixEncoder(flat_config, self.encoder_layers, self.num_heads, self.head_dim)
         flat = self.embedding if self.mlp is None else self.mlp(self.embedding)
         folded.embedding.copy_(flat)
         return folded.to(self.embedding.device)

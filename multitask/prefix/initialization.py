@@ -70,7 +70,7 @@ def initial_key_values(prefix: PrefixEncoder, reference: torch.Tensor, words: li
     config = prefix.config
     if config.init == "vocab":
         chosen = words[: prefix.length]
-        return real_key_values(encoder, chosen, *ids) if chosen else reference[:, :, :, :0]
+        return real_key_values(encoder, chosen, *ids)[list(prefix.layers)] if chosen else reference[:, :, :, :0]
     scale = config.init_std if config.init_std is not None else key_value_scale(reference)
     return random_key_values(config, prefix.kv_shape, scale)
 
@@ -94,6 +94,7 @@ def initialize_prefixes(
         pool = frequent_tokens(sequences, special, max(prefix.length, SCALE_SAMPLE_TOKENS))
         words = list(dict.fromkeys(word_tokens(prefix.config.init_words, tokenizer) + pool))  # no token twice
         reference = real_key_values(encoder, pool[:SCALE_SAMPLE_TOKENS] or words[:1] or [0], *ids)
+        reference = reference[list(prefix.layers)]  # the layers this prefix lives in
         kv = initial_key_values(prefix, reference, words, encoder, ids)
         if kv.shape[3] < prefix.length:  # vocab with too few distinct tokens: random ones at the real scale
             extra = random_key_values(prefix.config, (*kv.shape[:3], prefix.length - kv.shape[3], kv.shape[4]),

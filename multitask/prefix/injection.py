@@ -18,13 +18,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.bert.modeling_bert import eager_attention_forward
 
-from multitask.prefix.bank import PrefixKV
+from multitask.prefix.bank import LayerPrefix, PrefixKV
 
 PREFIX_ATTENTION = {"sdpa": "multitask_prefix_sdpa", "eager": "multitask_prefix_eager"}
 
 
 def _widen_mask(
-    mask: torch.Tensor | None, prefix: PrefixKV, query: torch.Tensor, additive: bool
+    mask: torch.Tensor | None, prefix: LayerPrefix, query: torch.Tensor, additive: bool
 ) -> torch.Tensor | None:
     """Allow each query to see its example's visible prefix positions in front of the original keys.
 
@@ -56,11 +56,11 @@ def _with_prefix(base: Callable, additive_mask: bool) -> Callable:
     ):
         if kv_sink is not None:  # the layer's own keys/values of real tokens (prefix initialisation reads them)
             kv_sink[module.layer_idx] = (key.detach(), value.detach())
-        if prefix_kv is not None:
-            prefix_key, prefix_value = prefix_kv.layer(module.layer_idx)
-            key = torch.cat([prefix_key.to(key.dtype), key], dim=2)
-            value = torch.cat([prefix_value.to(value.dtype), value], dim=2)
-            attention_mask = _widen_mask(attention_mask, prefix_kv, query, additive_mask)
+        prefix = prefix_kv.layer(module.layer_idx) if prefix_kv is not None else None
+        if prefix is not None:  # None: no task of the batch has a prefix in this layer
+            key = torch.cat([prefix.keys.to(key.dtype), key], dim=2)
+            value = torch.cat([prefix.values.to(value.dtype), value], dim=2)
+            attention_mask = _widen_mask(attention_mask, prefix, query, additive_mask)
         return base(module, query, key, value, attention_mask, **kwargs)
 
     return attention

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from multitask.heads.base import HeadConfig
+from multitask.prefix.config import check_layers
 
 
 @dataclass
@@ -104,6 +105,14 @@ class TaskPrefixSettings:
     reparameterize: bool | None = field(default=None, metadata={"help": "MLP reparameterisation (default: the type's)."})
     dropout: float | None = field(default=None, metadata={"help": "Prefix dropout (default: the type's)."})
     lr: float | None = field(default=None, metadata={"help": "Learning rate of this task's prefix (default: the type's)."})
+    layers: Literal["all"] | dict[str, int] | list[int] | None = field(
+        default=None, metadata={"help": "Layers of this task's own prefix: all, {top: k}, {bottom: k} or indices "
+                                        "(default: the experiment's prefix.layers)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            check_layers(self.layers)
 
 
 @dataclass

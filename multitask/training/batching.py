@@ -120,10 +120,22 @@ class TaskBatchStream:
         self._batches = self._plan(self._epoch)
 
 
-def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+def eval_batches(lengths: list[int], batch_size: int, min_fill: float = 0.0) -> list[list[int]]:
     """Deterministic batches sorted by length, longest first, so padding is minimal and an
-    out-of-memory batch shows up at the start rather than at the end. Covers every index once."""
+    out-of-memory batch shows up at the start rather than at the end. Covers every index once.
+
+    ``min_fill``: also start a new batch where an input is shorter than this share of its batch's longest, so
+    inputs of very different lengths (a mixed-task batch: sentences beside QA windows) are not padded to the
+    longest; 0 cuts by count only."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
-    return _split(order, batch_size)
+    if min_fill <= 0:
+        return _split(order, batch_size)
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and len(batches[-1]) < batch_size and lengths[index] >= min_fill * lengths[batches[-1][0]]:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches

@@ -24,10 +24,14 @@ from multitask.reporting import RunReport, TaskReport, write_reports
 from multitask.runtime import TaskRuntime, build_model, load_tokenizer, prepare_tasks
 from multitask.training import distributed
 from multitask.training.batching import TaskBatchStream
+from multitask.data.cache import tokenizer_fingerprint
+from multitask.encoder_stages import pad_states
+from multitask.training.frozen_cache import FrozenLayerCache, evaluating
 from multitask.training.checkpoint import (
     load_training_state, save_checkpoint, save_training_state, trainable_state,
 )
 from multitask.prefix.initialization import initialize_prefixes
+from multitask.prefix.transfer import freeze_prefixes, init_from_run
 from multitask.training.optim import ProgressSchedule, build_optimizer
 from multitask.inference.precision import resolve_precision
 from multitask.training.rng import restore_rng_state, rng_state, seed_everything
@@ -161,10 +165,14 @@ class Trainer:
             sequences = {t.name: [f.input_ids for f in t.features["train"][:INIT_SAMPLE_FEATURES]] for t in self.tasks}
             self.prefix_similarity = initialize_prefixes(self.model.prefix_bank, self.model.encoder, self.tokenizer,
                                                          sequences)
+        if experiment.prefix.init_from and saved is None:
+            init_from_run(self.model, experiment.prefix.init_from, self.encoder_identity["fingerprint"])
+        freeze_prefixes(self.model, experiment.prefix.freeze)
         self.precision, self.precision_reason = resolve_precision(experiment.precision, self.device)
         log.info("precision %s (%s)", self.precision, self.precision_reason)
         if experiment.encoder.gradient_checkpointing:
             enable_activation_checkpointing(self.model.encoder)
+        self.frozen_cache = self._make_frozen_cache()
         self.train_model = distributed.wrap(self.model, self.device)  # what training steps call; self.model elsewhere
         distributed.seed_rank(experiment.seed)
         sizes = {t.name: len(t.features["train"]) for t in self.tasks}
@@ -197,6 +205,38 @@ class Trainer:
         if saved is not None:
             self._restore(saved)
         self.preparation_seconds = time.perf_counter() - preparation_started
+
+    def _make_frozen_cache(self) -> FrozenLayerCache | None:
+        settings = self.experiment.optimization.frozen_cache
+        if not settings.enabled:
+            return None
+        boundary = self.model.frozen_below()
+        if boundary == 0:
+            log.warning("frozen_cache: every layer from the first up has something to train (a prefix in layer 0, or "
+                        "a trained encoder); there is nothing to cache, so the cache is off")
+            return None
+        identity = {"encoder": self.encoder_identity["fingerprint"], "tokenizer": tokenizer_fingerprint(self.tokenizer)}
+        root = Path(self.experiment.cache_dir) if self.experiment.cache_dir else None
+        cache = FrozenLayerCache(self.model, settings, boundary, {t.name: t.features["train"] for t in self.tasks},
+                                 identity, root, distributed.rank())
+        log.info("frozen cache: states entering layer %d, %s, in %s (at most %.1f GB); layers below run without "
+                 "dropout", boundary, settings.dtype, settings.location, settings.max_gb)
+        return cache
+
+    def _lower_states(self, runtime: TaskRuntime, indices: list[int]) -> list[torch.Tensor]:
+        """States entering the cache boundary for some training inputs, as every epoch would see them (no dropout)."""
+        features = [runtime.features["train"][i] for i in indices]
+        batch = runtime.task.collate(features, self.pad_id)
+        inputs = ModelInputs.of_task(batch, self.model.task_id(runtime.name)).to(self.device)
+        with torch.no_grad(), evaluating(self.model), autocast(self.device, self.precision):
+            states = self.model.encode_lower(inputs, self.frozen_cache.boundary)
+        return [states[row, : len(feature)] for row, feature in enumerate(features)]
+
+    def _with_cached_states(self, runtime: TaskRuntime, rows: list[int], inputs: ModelInputs) -> ModelInputs:
+        states = self.frozen_cache.states(runtime.name, rows, lambda missing: self._lower_states(runtime, missing))
+        inputs.states = pad_states(states, inputs.input_ids.shape[1]).float()  # the precision the layers run in
+        inputs.boundary = self.frozen_cache.boundary
+        return inputs
 
     # ------------------------------------------------------------------ run directory and state
     def _check_run_dir(self) -> None:
@@ -296,13 +336,16 @@ class Trainer:
             rows = distributed.rank_rows(indices)
             # A global batch smaller than the world leaves a rank without rows: it runs one row at weight 0, so
             # that it still joins DDP's all-reduce.
-            batch = runtime.task.collate([runtime.features["train"][i] for i in rows or indices[:1]], self.pad_id)
+            taken = rows or indices[:1]
+            batch = runtime.task.collate([runtime.features["train"][i] for i in taken], self.pad_id)
             share, terms = distributed.loss_share(runtime.task.loss_terms(batch.targets) if rows else 0, self.device)
             weight = terms / self.mean_terms[task_name] if task_name in self.mean_terms else 1.0
             with distributed.accumulation_context(self.train_model, sync=micro == accumulation - 1):
+                inputs = ModelInputs.of_task(batch, self.model.task_id(task_name))
+                if self.frozen_cache is not None:
+                    inputs = self._with_cached_states(runtime, taken, inputs)
                 with autocast(self.device, self.precision):
-                    inputs = ModelInputs.of_task(batch, self.model.task_id(task_name)).to(self.device)
-                    logits, _ = self.train_model(inputs)[task_name]
+                    logits, _ = self.train_model(inputs.to(self.device))[task_name]
                     loss = runtime.task.loss(logits, batch.targets.to(self.device))
                 self.scaler.scale(loss * (share * distributed.world_size() * weight) / accumulation).backward()
             self.examples_seen += len(indices)
@@ -462,6 +505,8 @@ class Trainer:
             "encoder_parameters": parameters.encoder,
             "train_examples_seen": self.examples_seen,
             "peak_rss_bytes": rss_bytes("VmHWM"),
+            "frozen_cache": None if self.frozen_cache is None else {
+                "boundary": self.frozen_cache.boundary, **self.frozen_cache.summary()},
             "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if self.device.type == "cuda" else None,
         })
         for runtime in self.tasks:

@@ -1,0 +1,191 @@
+"""The frozen-layer cache: hidden states entering the lowest layer with a trainable prefix, computed once per training
+input and reused in every later step and epoch.
+
+Below that layer nothing depends on a trained parameter, and with the frozen layers' dropout off their output for an
+input is the same every time. States are stored unpadded per input (so dynamic padding and length grouping keep
+working) and padded per batch. ``memory`` keeps them for this run; ``disk`` keeps them in memory-mapped ``.npy``
+arrays keyed by everything they depend on (encoder, boundary, frozen prefixes, tokenizer, the inputs, dtype), so a
+later run on the same data reuses them. The cache never grows beyond ``max_gb``: inputs past it are recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from multitask.experiment import FrozenCacheConfig
+from multitask.model import MultiTaskModel
+from multitask.tasks.base import Feature
+from multitask.utils.atomic import write_json
+
+log = logging.getLogger(__name__)
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# numpy has no bfloat16: such states are stored as their raw 16 bits.
+NUMPY_DTYPES = {"float16": np.float16, "bfloat16": np.int16, "float32": np.float32}
+
+
+class Budget:
+    """Bytes the cache may still take, shared by all tasks' stores."""
+
+    def __init__(self, max_bytes: float) -> None:
+        self.left = max_bytes
+
+    def take(self, size: int) -> bool:
+        if size > self.left:
+            return False
+        self.left -= size
+        return True
+
+
+class MemoryStore:
+    """States of one task's inputs, in this process's memory."""
+
+    def __init__(self, dtype: torch.dtype, budget: Budget) -> None:
+        self.dtype, self.budget = dtype, budget
+        self.states: dict[int, torch.Tensor] = {}
+
+    def get(self, index: int) -> torch.Tensor | None:
+        return self.states.get(index)
+
+    def put(self, items: dict[int, torch.Tensor]) -> None:
+        for index, state in items.items():
+            if self.budget.take(state.numel() * state.element_size()):
+                self.states[index] = state
+
+    @property
+    def stored(self) -> int:
+        return len(self.states)
+
+
+class DiskStore:
+    """States of one task's inputs in one memory-mapped array (all inputs' tokens back to back) and a filled flag per
+    input. An input's flag is set only after its states are flushed, so a write killed half-way is recomputed."""
+
+    def __init__(self, folder: Path, lengths: Sequence[int], hidden: int, dtype: str, budget: Budget) -> None:
+        self.dtype = TORCH_DTYPES[dtype]
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        row_bytes = hidden * np.dtype(NUMPY_DTYPES[dtype]).itemsize
+        # The inputs the budget allows, from the first: the array is allocated once at that size.
+        fits = 0
+        while fits < len(lengths) and budget.take(int(lengths[fits]) * row_bytes):
+            fits += 1
+        self.capacity = fits
+        folder.mkdir(parents=True, exist_ok=True)
+        shape = (int(self.offsets[fits]), hidden)
+        self.states = self._open(folder / "states.npy", NUMPY_DTYPES[dtype], shape)
+        self.filled = self._open(folder / "filled.npy", np.uint8, (fits,))
+        if not (folder / "meta.json").exists():
+            write_json(folder / "meta.json", {"inputs": len(lengths), "stored_inputs": fits, "dtype": dtype,
+                                              "hidden": hidden})
+
+    @staticmethod
+    def _open(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
+        if path.exists():
+            try:
+                array = np.load(path, mmap_mode="r+")
+                if array.shape == shape and array.dtype == dtype:
+                    return array
+            except (OSError, ValueError):
+                pass
+            log.warning("frozen cache %s does not match (shape or damage); starting it afresh", path)
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+    def get(self, index: int) -> torch.Tensor | None:
+        if index >= self.capacity or not self.filled[index]:
+            return None
+        rows = torch.from_numpy(np.array(self.states[self.offsets[index] : self.offsets[index + 1]]))
+        return rows.view(self.dtype)
+
+    def put(self, items: dict[int, torch.Tensor]) -> None:
+        kept = [index for index in items if index < self.capacity]
+        if not kept:
+            return
+        for index in kept:
+            self.states[self.offsets[index] : self.offsets[index + 1]] = items[index].view(
+                torch.int16 if self.dtype == torch.bfloat16 else self.dtype).numpy()
+        self.states.flush()
+        self.filled[kept] = 1
+        self.filled.flush()
+
+    @property
+    def stored(self) -> int:
+        return int(self.filled.sum())
+
+
+@contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) for a moment, then back to the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _identity(parts: dict, features: Sequence[Feature]) -> str:
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
+    for feature in features:
+        digest.update(np.asarray(feature.input_ids, dtype=np.int64).tobytes())
+        digest.update(b"|" if feature.token_type_ids is None else np.asarray(feature.token_type_ids).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def frozen_prefix_hash(model: MultiTaskModel, boundary: int) -> str:
+    """Hash of the prefix keys/values of the layers below ``boundary`` (frozen prefixes shape the cached states)."""
+    digest = hashlib.sha256()
+    if model.prefix_bank is not None:
+        for name, encoder in sorted(model.prefix_bank.encoders.items()):
+            lower = [i for i, layer in enumerate(encoder.layers) if layer < boundary]
+            if lower and encoder.length:
+                digest.update(name.encode())
+                digest.update(encoder()[lower].detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+class FrozenLayerCache:
+    """Cached states entering layer ``boundary`` for the training inputs of every task."""
+
+    def __init__(
+        self, model: MultiTaskModel, config: FrozenCacheConfig, boundary: int, features: dict[str, list[Feature]],
+        identity: dict, root: Path | None, rank: int = 0,
+    ) -> None:
+        self.model, self.config, self.boundary = model, config, boundary
+        self.dtype = TORCH_DTYPES[config.dtype]
+        budget = Budget(config.max_gb * 1024**3)
+        hidden = model.encoder.config.hidden_size
+        self.stores: dict[str, MemoryStore | DiskStore] = {}
+        for task, task_features in features.items():
+            if config.location == "disk" and root is not None:
+                key = _identity({**identity, "boundary": boundary, "dtype": config.dtype,
+                                 "prefixes": frozen_prefix_hash(model, boundary)}, task_features)
+                folder = root / "frozen" / f"{key}-rank{rank}"
+                self.stores[task] = DiskStore(folder, [len(f) for f in task_features], hidden, config.dtype, budget)
+            else:
+                self.stores[task] = MemoryStore(self.dtype, budget)
+        self.hits = self.misses = 0
+
+    def states(self, task: str, indices: list[int], compute: Callable[[list[int]], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """The states of the task's training inputs ``indices`` (each ``(tokens, hidden)``, in the cache dtype);
+        ``compute`` gives those of inputs not cached yet, which are stored while the budget allows."""
+        store = self.stores[task]
+        found = {index: store.get(index) for index in indices}
+        missing = [index for index, state in found.items() if state is None]
+        self.hits += len(indices) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            computed = {index: state.to(self.dtype).cpu() for index, state in zip(missing, compute(missing))}
+            store.put(computed)
+            found.update(computed)
+        return [found[index] for index in indices]
+
+    def summary(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses,
+                "stored_inputs": sum(store.stored for store in self.stores.values())}

@@ -1,0 +1,198 @@
+"""The frozen-layer cache and the frozen shared base: a cache changes nothing but speed, hits equal recomputation,
+`max_gb` holds, disk entries are reused by a later run, resume works with it, and a stage-2 run on a frozen shared
+prefix leaves that prefix bit-identical; a checkpoint written before `layers` existed still loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from multitask.config import load_config
+from multitask.errors import ConfigError
+from multitask.experiment import ExperimentConfig
+from multitask.model import ModelInputs
+from multitask.run import load_run
+from multitask.training.checkpoint import trainable_state
+from multitask.training.frozen_cache import DiskStore, MemoryStore
+from multitask.training.trainer import Trainer
+from tests.fixtures import write_project
+
+TOP_1 = ["prefix.prefix.layers={top: 1}", "optimization.max_steps=30", "evaluation.every_steps=30"]
+CACHE = ["optimization.frozen_cache.enabled=true", "optimization.frozen_cache.dtype=float32"]
+
+
+def make_trainer(config: Path, run_dir: Path, overrides=(), **kwargs) -> Trainer:
+    experiment = load_config(ExperimentConfig, config, list(overrides))
+    return Trainer(experiment, run_dir, config_path=config, progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return write_project(tmp_path_factory.mktemp("frozen"))
+
+
+@pytest.fixture(scope="module")
+def without_cache(project) -> Trainer:
+    trainer = make_trainer(project, project.parent.parent / "runs" / "plain", TOP_1)
+    trainer.train()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def with_cache(project) -> Trainer:
+    trainer = make_trainer(project, project.parent.parent / "runs" / "cached", TOP_1 + CACHE)
+    trainer.train()
+    return trainer
+
+
+def test_the_cache_changes_nothing_but_speed(without_cache, with_cache):
+    """The tiny encoder has no dropout, so the frozen layers give the same states with or without the cache."""
+    assert with_cache.frozen_cache.boundary == 1 and without_cache.frozen_cache is None
+    plain, cached = trainable_state(without_cache.model), trainable_state(with_cache.model)
+    assert plain.keys() == cached.keys()
+    assert all(torch.allclose(plain[k], cached[k], atol=1e-4) for k in plain)
+    report = json.loads((with_cache.run_dir / "report.json").read_text())
+    assert report["meta"]["frozen_cache"]["boundary"] == 1
+    assert report["meta"]["frozen_cache"]["hits"] > 0  # later epochs read what the first one stored
+
+
+def test_cache_hits_equal_recomputation(with_cache):
+    trainer = with_cache
+    for runtime in trainer.tasks:
+        store = trainer.frozen_cache.stores[runtime.name]
+        indices = [i for i in range(len(runtime.features["train"])) if store.get(i) is not None][:5]
+        assert indices, runtime.name
+        fresh = trainer._lower_states(runtime, indices)
+        for index, state in zip(indices, fresh):
+            assert torch.allclose(store.get(index), state, atol=1e-6)
+        # The model from cached states gives what it gives from the tokens (eval mode: no dropout anywhere).
+        batch = runtime.task.collate([runtime.features["train"][i] for i in indices], trainer.pad_id)
+        inputs = ModelInputs.of_task(batch, trainer.model.task_id(runtime.name))
+        trainer.model.eval()
+        with torch.no_grad():
+            direct = trainer.model(inputs)[runtime.name][0]
+            cached = trainer.model(trainer._with_cached_states(runtime, indices, inputs))[runtime.name][0]
+        if direct.dim() == 3:  # per-token logits: padded positions carry no prediction
+            real = batch.attention_mask.bool()
+            direct, cached = direct[real], cached[real]
+        assert torch.allclose(direct, cached, atol=1e-5)
+
+
+def test_max_gb_is_respected(project):
+    hidden = 32
+    trainer = make_trainer(project, project.parent.parent / "runs" / "small", TOP_1 + CACHE + [
+        "optimization.frozen_cache.max_gb=1e-6", "optimization.max_steps=9"])  # ~1 KiB: a few short inputs
+    trainer.train()
+    stores = trainer.frozen_cache.stores.values()
+    stored_bytes = sum(s.numel() * s.element_size() for store in stores for s in store.states.values())
+    assert 0 < stored_bytes <= 1e-6 * 1024**3
+    assert all(isinstance(store, MemoryStore) for store in stores)
+    assert sum(store.stored for store in stores) < sum(len(t.features["train"]) for t in trainer.tasks)
+    assert stored_bytes % (hidden * 4) == 0
+
+
+def test_disk_cache_is_reused_by_a_later_run(project, with_cache):
+    root = project.parent.parent / "runs"
+    disk = CACHE + ["optimization.frozen_cache.location=disk"]
+    first = make_trainer(project, root / "disk1", TOP_1 + disk)
+    first.train()
+    assert all(isinstance(store, DiskStore) for store in first.frozen_cache.stores.values())
+    second = make_trainer(project, root / "disk2", TOP_1 + disk)
+    second.train()
+    summary = second.frozen_cache.summary()
+    assert summary["misses"] == 0 and summary["hits"] > 0
+    a, b = trainable_state(first.model), trainable_state(second.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = trainable_state(with_cache.model)  # memory and disk store the same states
+    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+
+
+def test_disk_budget_limits_the_stored_inputs(tmp_path):
+    store = DiskStore(tmp_path / "s", [4, 4, 4], hidden=2, dtype="bfloat16", budget=_budget(2 * 4 * 2 * 2))
+    assert store.capacity == 2
+    state = torch.randn(4, 2).to(torch.bfloat16)
+    store.put({0: state, 2: state})
+    assert torch.equal(store.get(0), state) and store.get(1) is None and store.get(2) is None
+    again = DiskStore(tmp_path / "s", [4, 4, 4], hidden=2, dtype="bfloat16", budget=_budget(1e9))
+    assert again.capacity == 3 and again.get(0) is None  # a different allocation starts afresh, never misread
+
+
+def _budget(size: float):
+    from multitask.training.frozen_cache import Budget
+
+    return Budget(size)
+
+
+def test_resume_with_a_cache_matches_an_uninterrupted_run(project):
+    root = project.parent.parent / "runs"
+    overrides = TOP_1 + CACHE + ["evaluation.checkpoint_every=4", "optimization.max_steps=12",
+                                 "evaluation.every_steps=6"]
+    uninterrupted = make_trainer(project, root / "resume_a", overrides)
+    uninterrupted.train()
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_9(step: int) -> None:
+        if step == 9:
+            raise Killed
+
+    with pytest.raises(Killed):
+        make_trainer(project, root / "resume_b", overrides, on_step=kill_at_step_9).train()
+    resumed = make_trainer(project, root / "resume_b", overrides, resume=True)
+    resumed.train()
+    a, b = trainable_state(uninterrupted.model), trainable_state(resumed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage_two_trains_task_prefixes_on_a_frozen_shared_base(project):
+    root = project.parent.parent / "runs"
+    stage1 = make_trainer(project, root / "stage1", ["prefix.mode=shared", "optimization.max_steps=6"])
+    stage1.train()
+    stage2 = make_trainer(project, root / "stage2", [
+        "prefix.mode=hybrid", "prefix.shared_length=4", "prefix.shared_layers=all", "prefix.prefix.layers={top: 1}",
+        f"prefix.init_from={root / 'stage1'}", "prefix.freeze=[shared]", "optimization.max_steps=6", *CACHE])
+    before = stage2.model.prefix_bank.encoders["shared"].embedding.detach().clone()
+    stage2.train()
+    first = load_file(str(root / "stage1" / "checkpoint" / "model.safetensors"))
+    second = load_file(str(root / "stage2" / "checkpoint" / "model.safetensors"))
+    key = "prefix_bank.encoders.shared.embedding"
+    assert torch.equal(first[key], second[key]) and torch.equal(before, first[key])
+    assert stage2.frozen_cache.boundary == 1  # the frozen shared prefix in layer 0 is part of the cached states
+    assert not any(key.startswith("prefix_bank.encoders.shared") for key in trainable_state(stage2.model)
+                   if stage2.model.get_parameter(key).requires_grad)
+    assert any(key.startswith("prefix_bank.encoders.task_cls") for key in second)
+    run = load_run(root / "stage2")
+    assert run.model.prefix_bank.encoders["task_cls"].layers == (1,)  # the checkpoint restores its layer layout
+    assert len(run.predict("cls", ["good movie"])) == 1
+
+
+def test_freeze_names_a_prefix_the_run_has(project):
+    with pytest.raises(ConfigError, match="prefix.freeze: no prefix named 'sharde'; this run's prefixes: task_cls"):
+        make_trainer(project, project.parent.parent / "runs" / "bad", ["prefix.freeze=[sharde]"])
+
+
+def test_a_checkpoint_from_before_layers_existed_loads(project):
+    run_dir = project.parent.parent / "runs" / "classic"
+    make_trainer(project, run_dir, ["optimization.max_steps=2"]).train()
+    expected = load_run(run_dir).predict("ner", ["john smith was born in paris"])
+    meta_path = run_dir / "checkpoint" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for prefix in meta["prefix_layout"]["prefixes"].values():
+        assert prefix.pop("layers") == "all"
+    meta_path.write_text(json.dumps(meta))  # as written before prefixes had layers
+    old = load_run(run_dir)
+    assert all(p.layers == (0, 1) for p in old.model.prefix_bank.encoders.values())
+    assert old.predict("ner", ["john smith was born in paris"]) == expected
+
+
+def test_linear_probe_caches_the_whole_encoder(project):
+    trainer = make_trainer(project, project.parent.parent / "runs" / "probe", CACHE + [
+        "method=linear_probe", "optimization.max_steps=12"])
+    assert trainer.frozen_cache.boundary == 2
+    trainer.train()
+    assert trainer.frozen_cache.summary()["stored_inputs"] > 0
