@@ -47,6 +47,35 @@ def _single_task_runs(experiment: ExperimentConfig) -> list[tuple[str, Experimen
 
 
 METHODS.register("prefix_single", _single_task_runs)
+# A stage's init_from naming "@<label>" is the run directory of that earlier run of the same comparison.
+EARLIER_RUN = "@"
+
+
+def _top_k(experiment: ExperimentConfig, k: int) -> ExperimentConfig:
+    """Task prefixes in the top k layers only, the frozen layers below them computed once (frozen-layer cache)."""
+    prefix = dataclasses.replace(experiment.prefix, mode="per_task",
+                                 prefix=dataclasses.replace(experiment.prefix.prefix, layers={"top": k}))
+    cache = dataclasses.replace(experiment.optimization.frozen_cache, enabled=True)
+    optimization = dataclasses.replace(experiment.optimization, frozen_cache=cache)
+    return dataclasses.replace(experiment, method="prefix", prefix=prefix, optimization=optimization)
+
+
+def _shared_then_top_k(experiment: ExperimentConfig, k: int, method: str) -> list[tuple[str, ExperimentConfig]]:
+    """Stage 1: one shared all-layer prefix trained on every task jointly; stage 2: that prefix frozen, task
+    prefixes in the top k layers on top of it (the frozen layers below cached). A budget is split between them."""
+    stage1 = _with(experiment, "prefix", "shared")
+    stage2 = _top_k(experiment, k)
+    shared_length = experiment.prefix.prefix.length
+    stage2 = dataclasses.replace(stage2, prefix=dataclasses.replace(
+        stage2.prefix, mode="hybrid", shared_layers="all", shared_length=shared_length,
+        init_from=f"{EARLIER_RUN}{method}/stage1", freeze=["shared"]))
+    return [(f"{method}/stage1", stage1), (f"{method}/stage2", stage2)]
+
+
+for _k in (1, 2, 3):
+    METHODS.register(f"prefix_top{_k}", lambda e, k=_k: [(f"prefix_top{k}", _top_k(e, k))])
+    METHODS.register(f"prefix_shared_then_top{_k}",
+                     lambda e, k=_k: _shared_then_top_k(e, k, f"prefix_shared_then_top{k}"))
 METHODS.register("lora", lambda e: [("lora", _with(e, "lora"))])
 METHODS.register("full_ft", lambda e: [("full_ft", _with(e, "full_ft"))])
 METHODS.register("linear_probe", lambda e: [("linear_probe", _with(e, "linear_probe"))])
@@ -118,27 +147,48 @@ def run_in_process(experiment: ExperimentConfig, run_dir: Path, encoder_factory=
     return run_dir
 
 
+def _resolve_earlier_run(experiment: ExperimentConfig, output_dir: Path) -> ExperimentConfig:
+    source = experiment.prefix.init_from
+    if not source or not source.startswith(EARLIER_RUN):
+        return experiment
+    prefix = dataclasses.replace(experiment.prefix, init_from=str(output_dir / "runs" / source[len(EARLIER_RUN):]))
+    return dataclasses.replace(experiment, prefix=prefix)
+
+
+def _is_staged(run_dirs: list[Path]) -> bool:
+    return len(run_dirs) > 1 and run_dirs[0].name.startswith("stage")
+
+
 def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def collect(run_dirs: list[Path], split: str) -> dict[str, Any]:
-    """Per task: main metric, wall time, examples/s, peak memory, trainable parameters and checkpoint size."""
+def collect(run_dirs: list[Path], split: str, staged: bool = False) -> dict[str, Any]:
+    """Per task: main metric, wall time, examples/s, step time, peak memory, trainable parameters, frozen-cache size
+    and checkpoint size. ``staged``: the runs are stages of one method (each starting from the one before), so a
+    later stage's times count on from the earlier stages' and its results replace theirs."""
     tasks = {}
+    earlier_train_minutes, earlier_wall = 0.0, 0.0
     for run_dir in run_dirs:
         report = load_report(run_dir / "report.json")
         meta = report.meta
-        wall = float(meta.get("wall_time_s") or 0.0)
-        minutes_at = {int(step): minutes for step, minutes in (meta.get("evaluation_minutes") or {}).items()}
+        wall = float(meta.get("wall_time_s") or 0.0) + earlier_wall
+        minutes_at = {int(step): minutes + earlier_train_minutes
+                      for step, minutes in (meta.get("evaluation_minutes") or {}).items()}
+        steps = meta.get("steps") or 0
+        cache = meta.get("frozen_cache") or {}
         for name, task in report.tasks.items():
             result = task.splits.get(split)
+            before = tasks[name]["curve"] if staged and name in tasks else []
             tasks[name] = {
                 "main_metric": task.main_metric,
                 "score": None if result is None else result.scores[task.main_metric],
-                "curve": [[minutes_at[step], value] for step, s, value in task.metric_history
-                          if s == split and step in minutes_at],
+                "curve": before + [[minutes_at[step], value] for step, s, value in task.metric_history
+                                   if s == split and step in minutes_at],
                 "wall_time_s": wall,
-                "train_time_s": meta.get("train_time_s"),
+                "train_time_s": (meta.get("train_time_s") or 0.0) + 60.0 * earlier_train_minutes,
+                "step_time_s": (meta.get("train_time_s") or 0.0) / steps if steps else None,
+                "frozen_cache_bytes": cache.get("stored_bytes"),
                 "examples_per_s": (meta.get("train_examples_seen") or 0) / wall if wall else None,
                 "peak_rss_bytes": meta.get("peak_rss_bytes"),
                 "peak_gpu_memory_bytes": meta.get("peak_gpu_memory_bytes"),
@@ -147,6 +197,9 @@ def collect(run_dirs: list[Path], split: str) -> dict[str, Any]:
                 "checkpoint_bytes": directory_bytes(run_dir / "checkpoint"),
                 "run_dir": str(run_dir),
             }
+        if staged:
+            earlier_train_minutes += (meta.get("train_time_s") or 0.0) / 60.0
+            earlier_wall = wall
     return tasks
 
 
@@ -170,11 +223,12 @@ def compare(
         run_dirs = []
         for label, method_config in method_experiment(experiment, method, config_path):
             run_dir = output_dir / "runs" / label
+            method_config = _resolve_earlier_run(method_config, output_dir)
             if in_process:
                 run_dirs.append(run_in_process(method_config, run_dir, encoder_factory, tokenizer))
             else:
                 run_dirs.append(run_subprocess(method_config, run_dir))
-        results["methods"][method] = {"tasks": collect(run_dirs, split)}
+        results["methods"][method] = {"tasks": collect(run_dirs, split, staged=_is_staged(run_dirs))}
     results["peak_memory_per_method"] = not in_process
     results["wall_time_s"] = round(time.perf_counter() - started, 1)
     write_json(output_dir / "comparison.json", results)

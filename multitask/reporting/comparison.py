@@ -25,6 +25,11 @@ def _memory(cell: dict[str, Any]) -> str:
     return f"{_size(gpu)} (GPU)" if gpu else _size(cell.get("peak_rss_bytes"))
 
 
+def _step(cell: dict[str, Any]) -> str:
+    seconds = cell.get("step_time_s")
+    return "–" if seconds is None else f"{1000 * seconds:.0f} ms"
+
+
 def render_comparison_markdown(results: dict[str, Any]) -> str:
     methods = results["methods"]
     tasks = sorted({task for m in methods.values() for task in m["tasks"]})
@@ -38,8 +43,9 @@ def render_comparison_markdown(results: dict[str, Any]) -> str:
         mean = sum(known) / len(known) if known else None
         lines.append(f"| {method} | " + " | ".join(percent(s) for s in scores) + f" | {percent(mean)} |")
     lines += ["", "## Cost per method and task", "",
-              "| Method | Task | Main metric | Train wall time | Examples/s | Peak memory | Trainable params "
-              "(% of encoder) | Checkpoint |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| Method | Task | Main metric | Train wall time | Examples/s | Step time | Peak memory | Trainable params "
+              "(% of encoder) | Frozen cache | Checkpoint |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for method, data in methods.items():
         for task in tasks:
             cell = data["tasks"].get(task)
@@ -48,9 +54,9 @@ def render_comparison_markdown(results: dict[str, Any]) -> str:
             rate = cell.get("examples_per_s")
             lines.append(
                 f"| {method} | {task} | {percent(cell['score'])} ({cell['main_metric']}) | "
-                f"{duration(cell['wall_time_s'])} | {'–' if rate is None else f'{rate:.1f}'} | {_memory(cell)} | "
-                f"{cell['trainable_parameters']:,} ({cell['trainable_percent_of_encoder']:.2f}%) | "
-                f"{_size(cell['checkpoint_bytes'])} |"
+                f"{duration(cell['wall_time_s'])} | {'–' if rate is None else f'{rate:.1f}'} | {_step(cell)} | "
+                f"{_memory(cell)} | {cell['trainable_parameters']:,} ({cell['trainable_percent_of_encoder']:.2f}%) | "
+                f"{_size(cell.get('frozen_cache_bytes'))} | {_size(cell['checkpoint_bytes'])} |"
             )
     lines += ["", "Multi-task methods train all tasks in one run, so their wall time, memory and checkpoint are "
               "shared by every task row; prefix_single trains one run per task."]

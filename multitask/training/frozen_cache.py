@@ -63,6 +63,10 @@ class MemoryStore:
     def stored(self) -> int:
         return len(self.states)
 
+    @property
+    def stored_bytes(self) -> int:
+        return sum(state.numel() * state.element_size() for state in self.states.values())
+
 
 class DiskStore:
     """States of one task's inputs in one memory-mapped array (all inputs' tokens back to back) and a filled flag per
@@ -117,6 +121,11 @@ class DiskStore:
     @property
     def stored(self) -> int:
         return int(self.filled.sum())
+
+    @property
+    def stored_bytes(self) -> int:
+        lengths = np.diff(self.offsets[: self.capacity + 1])
+        return int((lengths * self.filled.astype(bool)).sum()) * self.states.shape[1] * self.states.dtype.itemsize
 
 
 @contextmanager
@@ -188,4 +197,5 @@ class FrozenLayerCache:
 
     def summary(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses,
-                "stored_inputs": sum(store.stored for store in self.stores.values())}
+                "stored_inputs": sum(store.stored for store in self.stores.values()),
+                "stored_bytes": sum(store.stored_bytes for store in self.stores.values())}
