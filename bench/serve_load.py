@@ -51,6 +51,8 @@ from multitask.tasks.loading import load_task_data
 from multitask.utils.memory import rss_bytes
 
 TARGET = 1.0  # mixed / routed throughput
+SCALING_TARGET = 3.0  # throughput at the highest concurrency / at the lowest
+TAIL_TARGET = 3.0  # p99 / p50 latency at concurrency 8
 MIB = 2**20
 Request = tuple[str, Any]  # task, one raw input
 
@@ -243,6 +245,20 @@ def measure_memory(args: argparse.Namespace, variant: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- main
+def model_alone(run, requests: list[Request], size: int) -> float:
+    """Inputs per second of the engine alone (no HTTP, no queue) on the same stream in arrival order, ``size``
+    inputs per pass: the ceiling a server's batching can reach on this machine."""
+    run.engine.batch_size = size
+    run.predict_many({requests[0][0]: [requests[0][1]]})  # warm up
+    started = time.perf_counter()
+    for start in range(0, len(requests), size):
+        chunk: dict[str, list[Any]] = {}
+        for task, raw in requests[start : start + size]:
+            chunk.setdefault(task, []).append(raw)
+        run.predict_many(chunk)
+    return len(requests) / (time.perf_counter() - started)
+
+
 def counts(text: str) -> list[int]:
     values = [int(part) for part in text.split(",") if part.strip()]
     if not values or min(values) < 1:
@@ -282,6 +298,7 @@ def main() -> None:
     run = load_run(args.run_dir, device="cpu")  # here only for its tasks and data
     requests = traffic(run, per_task=max(args.requests, 50), seed=args.seed)[: args.requests]
     tasks = "+".join(run.tasks)
+    alone = {size: model_alone(run, requests, size) for size in (1, args.max_batch)}
     del run
     servers = {variant: Server(args, variant) for variant in ("mixed", "routed")}
     try:
@@ -309,6 +326,17 @@ def main() -> None:
                      *(f"{1000 * percentile(latencies, q):.0f}" for q in (50, 95, 99)),
                      f"{common.median([r['mean_batch'] for r in results]):.1f}", sum(r["failures"] for r in results)])
     common.print_table(["concurrency", "requests/s", "p50 (ms)", "p95 (ms)", "p99 (ms)", "mean batch", "failed"], rows)
+    rps = {c: common.median([r["rps"] for r in results]) for c, results in load.items()}
+    low, high = min(rps), max(rps)
+    common.report_ratio(f"throughput at concurrency {high} / at {low}", rps[high] / rps[low], SCALING_TARGET,
+                        at_most=False)
+    if 8 in load:
+        latencies = [x for r in load[8] for x in r["latencies"]]
+        common.report_ratio("p99 / p50 latency at concurrency 8", percentile(latencies, 99) / percentile(latencies, 50),
+                            TAIL_TARGET)
+    print(f"the engine alone on the same stream (no HTTP, no queue): {alone[1]:.1f} inputs/s one at a time, "
+          f"{alone[args.max_batch]:.1f} at {args.max_batch} per pass ({alone[args.max_batch] / alone[1]:.2f}x: the "
+          f"most batching can give on this machine)")
 
     print(f"\nmemory: RSS added on top of the loaded run ({memory['task']['loaded'] / MIB:.0f} MiB)")
     common.print_table(
