@@ -107,7 +107,7 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
                         help="autocast precision (default: the run's own setting)")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
-                        help="inputs per forward pass (default: the run's evaluation batch size)")
+                        help="inputs per forward pass (default: the run's evaluation batch size; serve: --max-batch)")
 
 
 def _positive_int(text: str) -> int:
