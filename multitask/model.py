@@ -48,10 +48,11 @@ class ModelInputs:
 
 @dataclass
 class ParameterSummary:
-    prefix: int
+    prefix: int  # trainable prefix parameters
     heads: int
     encoder: int
     encoder_trainable: int
+    prefix_frozen: int = 0  # prefixes kept as they are (prefix.freeze)
 
     @property
     def trainable(self) -> int:
@@ -60,7 +61,8 @@ class ParameterSummary:
     def render(self) -> str:
         pct = lambda n: 100.0 * n / max(self.encoder, 1)  # noqa: E731
         return (
-            f"prefix parameters {self.prefix:,} ({pct(self.prefix):.3f}% of encoder) | "
+            f"prefix parameters {self.prefix:,} ({pct(self.prefix):.3f}% of encoder)"
+            + (f", {self.prefix_frozen:,} more frozen" if self.prefix_frozen else "") + " | "
             f"head parameters {self.heads:,} ({pct(self.heads):.3f}%) | "
             f"encoder parameters {self.encoder:,} ({self.encoder_trainable:,} trainable) | "
             f"trainable total {self.trainable:,} ({pct(self.trainable):.3f}%)"
@@ -145,8 +147,10 @@ class MultiTaskModel(nn.Module):
 
     def parameter_summary(self) -> ParameterSummary:
         count = lambda module: sum(p.numel() for p in module.parameters()) if module is not None else 0  # noqa: E731
+        frozen = sum(p.numel() for p in self.prefix_bank.parameters() if not p.requires_grad) \
+            if self.prefix_bank is not None else 0
         return ParameterSummary(
-            prefix=count(self.prefix_bank),
+            prefix=count(self.prefix_bank) - frozen, prefix_frozen=frozen,
             heads=count(self.heads),
             encoder=count(self.encoder),
             encoder_trainable=sum(p.numel() for p in self.encoder.parameters() if p.requires_grad),

@@ -49,6 +49,9 @@ COMMON = [
     "evaluation.checkpoint_every=2", "num_threads=1",
 ]
 PER_RANK_BATCHES = ["tasks.0.batch_size=3", "tasks.1.batch_size=2", "tasks.2.batch_size=2"]
+# Top-layer prefixes over a frozen-layer cache: each rank caches the inputs it trains on.
+FROZEN_CACHE = ["prefix.prefix.layers={top: 1}", "optimization.frozen_cache.enabled=true",
+                "optimization.frozen_cache.dtype=float32"]
 GLOBAL_BATCHES = ["tasks.0.batch_size=6", "tasks.1.batch_size=4", "tasks.2.batch_size=4"]
 
 
@@ -108,6 +111,9 @@ def worker(rank: int, port: int, root: str) -> None:
     if rank == 0:
         shutil.copytree(root_dir / "killed", root_dir / "killed-1proc")
     make_trainer(config, root_dir / "killed", overrides, resume=True).train()
+    cached = make_trainer(config, root_dir / ("cached" if rank == 0 else "cached-rank1"), overrides + FROZEN_CACHE)
+    cached.train()
+    (root_dir / f"cache-{rank}.json").write_text(json.dumps(cached.frozen_cache.summary()))
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +226,14 @@ def test_cli_nproc_under_torchrun_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", str(tmp_path / "exp.yaml"), "--nproc", "2"]) == 2
     assert "leave it out when running under torchrun" in capsys.readouterr().err
+
+
+def test_two_processes_with_a_frozen_cache_train_the_weights_of_one_process(project, one_thread):
+    single = make_trainer(project / "configs" / "exp.yaml", project / "single-cached",
+                          COMMON + GLOBAL_BATCHES + FROZEN_CACHE)
+    single.train()
+    assert_close(load_training_state(project / "cached")["model"], load_training_state(project / "single-cached")["model"])
+    per_rank = [json.loads((project / f"cache-{rank}.json").read_text()) for rank in range(WORLD)]
+    assert all(summary["hits"] > 0 for summary in per_rank)  # each rank reuses what it stored itself
+    # Each rank holds only the rows it trains on, fewer than the one process that trains on all of them.
+    assert all(0 < s["stored_inputs"] < single.frozen_cache.summary()["stored_inputs"] for s in per_rank)

@@ -163,6 +163,10 @@ def test_stage_two_trains_task_prefixes_on_a_frozen_shared_base(project):
     key = "prefix_bank.encoders.shared.embedding"
     assert torch.equal(first[key], second[key]) and torch.equal(before, first[key])
     assert stage2.frozen_cache.boundary == 1  # the frozen shared prefix in layer 0 is part of the cached states
+    summary = stage2.model.parameter_summary()
+    assert summary.prefix_frozen == stage2.model.prefix_bank.encoders["shared"].embedding.numel()
+    assert summary.trainable == sum(p.numel() for p in stage2.model.parameters() if p.requires_grad)
+    assert "more frozen" in summary.render()
     assert not any(key.startswith("prefix_bank.encoders.shared") for key in trainable_state(stage2.model)
                    if stage2.model.get_parameter(key).requires_grad)
     assert any(key.startswith("prefix_bank.encoders.task_cls") for key in second)

@@ -172,3 +172,26 @@ def test_featurizing_in_chunks_under_a_progress_bar_gives_the_same_features(run_
         whole = base.featurize_examples(task, examples, run.tokenizer, training, progress=False)
         chunked = base.featurize_examples(task, examples, run.tokenizer, training, progress=True)
         assert len(examples) > 3 and chunked == whole
+
+
+def test_analyze_runs_the_shared_lower_layers_once_per_text(tmp_path):
+    """A frozen shared prefix in every layer and task prefixes in the top layer: below it every task sees the same
+    prefix, so analyze runs those layers once per text; its answers equal each task's own predictions."""
+    config = write_project(tmp_path, max_steps=4)
+    overrides = ["prefix.mode=hybrid", "prefix.shared_layers=all", "prefix.prefix.layers={top: 1}",
+                 "prefix.shared_length=4"]
+    Trainer(load_config(ExperimentConfig, config, overrides), tmp_path / "run", config_path=config,
+            progress=False).train()
+    run = load_run(tmp_path / "run", precision="fp32")
+    lower_passes = []
+    original = run.model.encode_lower
+    run.model.encode_lower = lambda inputs, boundary: lower_passes.append((inputs.input_ids.shape[0], boundary)) \
+        or original(inputs, boundary)
+    texts = ["john smith loved paris", "boring film", "great fun film"]
+    results = run.analyze(texts, tasks=["cls", "ner"])
+    assert lower_passes and all(boundary == 1 for _, boundary in lower_passes)
+    # cls and ner tokenise these texts alike, so each text's lower layers ran once (not once per task).
+    assert sum(rows for rows, _ in lower_passes) == len(texts)
+    run.model.encode_lower = original
+    for name in ("cls", "ner"):
+        _same([r[name] for r in results], run.predict(name, texts))

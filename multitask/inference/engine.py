@@ -53,6 +53,13 @@ def pad_inputs(features: Sequence[Feature], task_ids: Sequence[int], pad_id: int
     return ModelInputs(ids, mask, torch.tensor(list(task_ids), dtype=torch.long), types)
 
 
+def _input_key(feature: Feature) -> tuple:
+    """What the encoder sees of a feature: its ids, and its token types unless all zero (which is what a feature
+    without them gets in a batch, so the two match)."""
+    types = feature.token_type_ids or ()
+    return tuple(feature.input_ids), tuple(types) if any(types) else ()
+
+
 @dataclass
 class InferenceEngine:
     """A model with its tokenizer and tasks, run on one device in one precision."""
@@ -117,8 +124,7 @@ class InferenceEngine:
             return None
         boundary = self.model.shared_below(torch.tensor(task_ids))
         distinct: dict[tuple, int] = {}
-        owner = [distinct.setdefault((tuple(f.input_ids), tuple(f.token_type_ids or ())), i)
-                 for i, (_, f) in enumerate(items)]
+        owner = [distinct.setdefault(_input_key(f), i) for i, (_, f) in enumerate(items)]
         if boundary == 0 or len(distinct) == len(items):
             return None
         firsts = list(distinct.values())
