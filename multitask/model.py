@@ -93,14 +93,16 @@ class MultiTaskModel(nn.Module):
     def task_id(self, task: str) -> int:
         return self.task_names.index(task)
 
-    def frozen_below(self) -> int:
-        """The lowest layer with a trainable prefix: nothing below it depends on a trained parameter (0 when the
-        encoder itself trains; the number of layers when nothing in the encoder trains, as in a linear probe)."""
+    def frozen_below(self, task: str | None = None) -> int:
+        """The lowest layer with a trainable prefix (of ``task``'s prefixes, or of any): nothing below it depends on
+        a trained parameter (0 when the encoder itself trains; the number of layers when nothing in the encoder
+        trains, as in a linear probe)."""
         if any(p.requires_grad for p in self.encoder.parameters()):
             return 0
-        layers = [] if self.prefix_bank is None else [
-            layer for encoder in self.prefix_bank.encoders.values() if encoder.length and encoder.trainable
-            for layer in encoder.layers]
+        names = [] if self.prefix_bank is None else (
+            self.prefix_bank.layout.task_prefixes[task] if task is not None else list(self.prefix_bank.encoders))
+        layers = [layer for name in names for layer in self.prefix_bank.encoders[name].layers
+                  if self.prefix_bank.encoders[name].length and self.prefix_bank.encoders[name].trainable]
         return min(layers, default=encoder_shape(self.encoder.config).num_layers)
 
     def shared_below(self, task_ids: torch.Tensor) -> int:

@@ -51,12 +51,12 @@ def with_cache(project) -> Trainer:
 
 def test_the_cache_changes_nothing_but_speed(without_cache, with_cache):
     """The tiny encoder has no dropout, so the frozen layers give the same states with or without the cache."""
-    assert with_cache.frozen_cache.boundary == 1 and without_cache.frozen_cache is None
+    assert with_cache.frozen_cache.boundaries == {"cls": 1, "ner": 1, "qa": 1} and without_cache.frozen_cache is None
     plain, cached = trainable_state(without_cache.model), trainable_state(with_cache.model)
     assert plain.keys() == cached.keys()
     assert all(torch.allclose(plain[k], cached[k], atol=1e-4) for k in plain)
     report = json.loads((with_cache.run_dir / "report.json").read_text())
-    assert report["meta"]["frozen_cache"]["boundary"] == 1
+    assert report["meta"]["frozen_cache"]["boundaries"] == {"cls": 1, "ner": 1, "qa": 1}
     assert report["meta"]["frozen_cache"]["hits"] > 0  # later epochs read what the first one stored
 
 
@@ -162,7 +162,7 @@ def test_stage_two_trains_task_prefixes_on_a_frozen_shared_base(project):
     second = load_file(str(root / "stage2" / "checkpoint" / "model.safetensors"))
     key = "prefix_bank.encoders.shared.embedding"
     assert torch.equal(first[key], second[key]) and torch.equal(before, first[key])
-    assert stage2.frozen_cache.boundary == 1  # the frozen shared prefix in layer 0 is part of the cached states
+    assert set(stage2.frozen_cache.boundaries.values()) == {1}  # the frozen shared prefix in layer 0 is part of the cached states
     summary = stage2.model.parameter_summary()
     assert summary.prefix_frozen == stage2.model.prefix_bank.encoders["shared"].embedding.numel()
     assert summary.trainable == sum(p.numel() for p in stage2.model.parameters() if p.requires_grad)
@@ -197,6 +197,19 @@ def test_a_checkpoint_from_before_layers_existed_loads(project):
 def test_linear_probe_caches_the_whole_encoder(project):
     trainer = make_trainer(project, project.parent.parent / "runs" / "probe", CACHE + [
         "method=linear_probe", "optimization.max_steps=12"])
-    assert trainer.frozen_cache.boundary == 2
+    assert set(trainer.frozen_cache.boundaries.values()) == {2}
     trainer.train()
     assert trainer.frozen_cache.summary()["stored_inputs"] > 0
+
+
+def test_tasks_of_different_depths_each_cache_below_their_own_prefix(project):
+    """cls keeps an all-layer prefix (nothing frozen below it), ner's sits in the top layer: only ner is cached."""
+    trainer = make_trainer(project, project.parent.parent / "runs" / "depths", CACHE + [
+        "tasks.1.overrides.prefix.layers={top: 1}", "tasks.2.overrides.prefix.layers={top: 1}",
+        "optimization.max_steps=18"])
+    assert trainer.frozen_cache.boundaries == {"ner": 1, "qa": 1}
+    assert not trainer.frozen_cache.covers("cls")
+    trainer.train()
+    assert trainer.frozen_cache.summary()["hits"] > 0
+    assert trainer.model.prefix_bank.encoders["task_cls"].layers == (0, 1)
+

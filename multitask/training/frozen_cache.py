@@ -15,7 +15,7 @@ import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -147,11 +147,12 @@ def _identity(parts: dict, features: Sequence[Feature]) -> str:
     return digest.hexdigest()[:32]
 
 
-def frozen_prefix_hash(model: MultiTaskModel, boundary: int) -> str:
-    """Hash of the prefix keys/values of the layers below ``boundary`` (frozen prefixes shape the cached states)."""
+def frozen_prefix_hash(model: MultiTaskModel, task: str, boundary: int) -> str:
+    """Hash of the task's prefix keys/values in the layers below ``boundary`` (frozen prefixes shape its states)."""
     digest = hashlib.sha256()
     if model.prefix_bank is not None:
-        for name, encoder in sorted(model.prefix_bank.encoders.items()):
+        for name in sorted(model.prefix_bank.layout.task_prefixes[task]):
+            encoder = model.prefix_bank.encoders[name]
             lower = [i for i, layer in enumerate(encoder.layers) if layer < boundary]
             if lower and encoder.length:
                 digest.update(name.encode())
@@ -160,26 +161,32 @@ def frozen_prefix_hash(model: MultiTaskModel, boundary: int) -> str:
 
 
 class FrozenLayerCache:
-    """Cached states entering layer ``boundary`` for the training inputs of every task."""
+    """Cached states of the training inputs of every task that has frozen layers: those entering its own lowest
+    layer with a trainable prefix (``boundaries``; tasks train one at a time, so each task has its own)."""
 
     def __init__(
-        self, model: MultiTaskModel, config: FrozenCacheConfig, boundary: int, features: dict[str, list[Feature]],
-        identity: dict, root: Path | None, rank: int = 0,
+        self, model: MultiTaskModel, config: FrozenCacheConfig, boundaries: dict[str, int],
+        features: dict[str, list[Feature]], identity: dict, root: Path | None, rank: int = 0,
     ) -> None:
-        self.model, self.config, self.boundary = model, config, boundary
+        self.model, self.config = model, config
+        self.boundaries = {task: boundary for task, boundary in boundaries.items() if boundary > 0}
         self.dtype = TORCH_DTYPES[config.dtype]
         budget = Budget(config.max_gb * 1024**3)
         hidden = model.encoder.config.hidden_size
         self.stores: dict[str, MemoryStore | DiskStore] = {}
-        for task, task_features in features.items():
+        for task, boundary in self.boundaries.items():
+            task_features = features[task]
             if config.location == "disk" and root is not None:
                 key = _identity({**identity, "boundary": boundary, "dtype": config.dtype,
-                                 "prefixes": frozen_prefix_hash(model, boundary)}, task_features)
+                                 "prefixes": frozen_prefix_hash(model, task, boundary)}, task_features)
                 folder = root / "frozen" / f"{key}-rank{rank}"
                 self.stores[task] = DiskStore(folder, [len(f) for f in task_features], hidden, config.dtype, budget)
             else:
                 self.stores[task] = MemoryStore(self.dtype, budget)
         self.hits = self.misses = 0
+
+    def covers(self, task: str) -> bool:
+        return task in self.stores
 
     def states(self, task: str, indices: list[int], compute: Callable[[list[int]], list[torch.Tensor]]) -> list[torch.Tensor]:
         """The states of the task's training inputs ``indices`` (each ``(tokens, hidden)``, in the cache dtype);
@@ -195,7 +202,7 @@ class FrozenLayerCache:
             found.update(computed)
         return [found[index] for index in indices]
 
-    def summary(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses,
+    def summary(self) -> dict[str, Any]:
+        return {"boundaries": dict(self.boundaries), "hits": self.hits, "misses": self.misses,
                 "stored_inputs": sum(store.stored for store in self.stores.values()),
                 "stored_bytes": sum(store.stored_bytes for store in self.stores.values())}

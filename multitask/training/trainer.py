@@ -210,17 +210,18 @@ class Trainer:
         settings = self.experiment.optimization.frozen_cache
         if not settings.enabled:
             return None
-        boundary = self.model.frozen_below()
-        if boundary == 0:
-            log.warning("frozen_cache: every layer from the first up has something to train (a prefix in layer 0, or "
-                        "a trained encoder); there is nothing to cache, so the cache is off")
+        boundaries = {t.name: self.model.frozen_below(t.name) for t in self.tasks}
+        if not any(boundaries.values()):
+            log.warning("frozen_cache: every task has something to train from layer 0 up (a prefix there, or a "
+                        "trained encoder); there is nothing to cache, so the cache is off")
             return None
         identity = {"encoder": self.encoder_identity["fingerprint"], "tokenizer": tokenizer_fingerprint(self.tokenizer)}
         root = Path(self.experiment.cache_dir) if self.experiment.cache_dir else None
-        cache = FrozenLayerCache(self.model, settings, boundary, {t.name: t.features["train"] for t in self.tasks},
+        cache = FrozenLayerCache(self.model, settings, boundaries, {t.name: t.features["train"] for t in self.tasks},
                                  identity, root, distributed.rank())
-        log.info("frozen cache: states entering layer %d, %s, in %s (at most %.1f GB); layers below run without "
-                 "dropout", boundary, settings.dtype, settings.location, settings.max_gb)
+        log.info("frozen cache: states entering layer %s, %s, in %s (at most %.1f GB); layers below run without "
+                 "dropout", ", ".join(f"{n} {b}" for n, b in boundaries.items()), settings.dtype, settings.location,
+                 settings.max_gb)
         return cache
 
     def _lower_states(self, runtime: TaskRuntime, indices: list[int]) -> list[torch.Tensor]:
@@ -229,13 +230,13 @@ class Trainer:
         batch = runtime.task.collate(features, self.pad_id)
         inputs = ModelInputs.of_task(batch, self.model.task_id(runtime.name)).to(self.device)
         with torch.no_grad(), evaluating(self.model), autocast(self.device, self.precision):
-            states = self.model.encode_lower(inputs, self.frozen_cache.boundary)
+            states = self.model.encode_lower(inputs, self.frozen_cache.boundaries[runtime.name])
         return [states[row, : len(feature)] for row, feature in enumerate(features)]
 
     def _with_cached_states(self, runtime: TaskRuntime, rows: list[int], inputs: ModelInputs) -> ModelInputs:
         states = self.frozen_cache.states(runtime.name, rows, lambda missing: self._lower_states(runtime, missing))
         inputs.states = pad_states(states, inputs.input_ids.shape[1]).float()  # the precision the layers run in
-        inputs.boundary = self.frozen_cache.boundary
+        inputs.boundary = self.frozen_cache.boundaries[runtime.name]
         return inputs
 
     # ------------------------------------------------------------------ run directory and state
@@ -342,7 +343,7 @@ class Trainer:
             weight = terms / self.mean_terms[task_name] if task_name in self.mean_terms else 1.0
             with distributed.accumulation_context(self.train_model, sync=micro == accumulation - 1):
                 inputs = ModelInputs.of_task(batch, self.model.task_id(task_name))
-                if self.frozen_cache is not None:
+                if self.frozen_cache is not None and self.frozen_cache.covers(task_name):
                     inputs = self._with_cached_states(runtime, taken, inputs)
                 with autocast(self.device, self.precision):
                     logits, _ = self.train_model(inputs.to(self.device))[task_name]
@@ -505,8 +506,7 @@ class Trainer:
             "encoder_parameters": parameters.encoder,
             "train_examples_seen": self.examples_seen,
             "peak_rss_bytes": rss_bytes("VmHWM"),
-            "frozen_cache": None if self.frozen_cache is None else {
-                "boundary": self.frozen_cache.boundary, **self.frozen_cache.summary()},
+            "frozen_cache": None if self.frozen_cache is None else self.frozen_cache.summary(),
             "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if self.device.type == "cuda" else None,
         })
         for runtime in self.tasks:
