@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from multitask.inference.device import autocast
 from multitask.encoder_stages import pad_states
+from multitask.inference.device import autocast
 from multitask.model import ModelInputs, MultiTaskModel
 from multitask.reporting.model import SplitResult
 from multitask.tasks.base import Feature, TaskType, featurize_examples

@@ -148,6 +148,7 @@ class PrefixBank(nn.Module):
         super().__init__()
         self.layout = layout
         self.num_layers = num_layers
+        self._plans: dict[tuple, tuple[torch.Tensor, list, list[bool]]] = {}  # see _depth_plan
         self.task_names = list(layout.task_prefixes)
         self.encoders = nn.ModuleDict(
             {name: PrefixEncoder(cfg, num_layers, num_heads, head_dim) for name, cfg in layout.prefixes.items()}
@@ -189,6 +190,21 @@ class PrefixBank(nn.Module):
                 rows[layer].extend([layer in encoder.layers] * encoder.length)
         return rows
 
+    def _depth_plan(self, tasks: tuple[str, ...], longest: int) -> tuple[torch.Tensor, list, list[bool]]:
+        """For prefixes that differ between layers: each task's visible positions per layer ``(tasks, layers, P)``,
+        the positions each layer keeps (None: all of them), and whether every task sees all it keeps. It depends
+        only on the layout and the tasks in the batch, so it is worked out once per set of tasks."""
+        key = (tasks, longest)
+        if key not in self._plans:
+            visible = [[row + [False] * (longest - len(row)) for row in self._layer_positions(task)] for task in tasks]
+            columns, full = [], []
+            for layer in range(self.num_layers):
+                kept = [p for p in range(longest) if any(v[layer][p] for v in visible)]
+                columns.append(None if len(kept) == longest else kept)
+                full.append(all(v[layer][p] for v in visible for p in kept))
+            self._plans[key] = (torch.tensor(visible, dtype=torch.bool), columns, full)
+        return self._plans[key]
+
     def _full_depth(self, name: str, kv: torch.Tensor) -> torch.Tensor:
         """A prefix's keys/values placed at its layers of a zero ``(num_layers, ...)`` tensor."""
         layers = self.encoders[name].layers
@@ -219,14 +235,9 @@ class PrefixBank(nn.Module):
         if self.every_layer:
             masks = torch.stack([torch.arange(longest, device=task_ids.device) < length for length in lengths])
             return PrefixKV(keys=kv[:, :, 0], values=kv[:, :, 1], mask=masks[position])
-        visible = [[row + [False] * (longest - len(row)) for row in self._layer_positions(task)] for task in tasks]
-        masks = torch.tensor(visible, dtype=torch.bool, device=task_ids.device)  # (tasks, layers, P)
-        columns, full = [], []
-        for layer in range(self.num_layers):
-            kept = [p for p in range(longest) if any(v[layer][p] for v in visible)]
-            columns.append(kept)
-            full.append(all(v[layer][p] for v in visible for p in kept))
-        return PrefixKV(keys=kv[:, :, 0], values=kv[:, :, 1], mask=masks[position], columns=columns, full=full)
+        masks, columns, full = self._depth_plan(tuple(tasks), longest)
+        return PrefixKV(keys=kv[:, :, 0], values=kv[:, :, 1], mask=masks.to(task_ids.device)[position],
+                        columns=columns, full=full)
 
     def fold(self) -> None:
         """Replace every reparameterised encoder by its flat equivalent (for saving and fast inference)."""

@@ -15,25 +15,25 @@ from tqdm.auto import tqdm
 
 from multitask.backbone import enable_activation_checkpointing, encoder_fingerprint, load_encoder
 from multitask.config import to_dict
+from multitask.data.cache import tokenizer_fingerprint
+from multitask.encoder_stages import pad_states
 from multitask.errors import CheckpointError, ConfigError
+from multitask.experiment import ExperimentConfig
 from multitask.inference import InferenceEngine
 from multitask.inference.device import autocast, resolve_device
-from multitask.experiment import ExperimentConfig
+from multitask.inference.precision import resolve_precision
 from multitask.model import ModelInputs, MultiTaskModel
+from multitask.prefix.initialization import initialize_prefixes
+from multitask.prefix.transfer import freeze_prefixes, init_from_run
 from multitask.reporting import RunReport, TaskReport, write_reports
 from multitask.runtime import TaskRuntime, build_model, load_tokenizer, prepare_tasks
 from multitask.training import distributed
 from multitask.training.batching import TaskBatchStream
-from multitask.data.cache import tokenizer_fingerprint
-from multitask.encoder_stages import pad_states
-from multitask.training.frozen_cache import FrozenLayerCache, evaluating
 from multitask.training.checkpoint import (
     load_training_state, save_checkpoint, save_training_state, trainable_state,
 )
-from multitask.prefix.initialization import initialize_prefixes
-from multitask.prefix.transfer import freeze_prefixes, init_from_run
+from multitask.training.frozen_cache import FrozenLayerCache, evaluating
 from multitask.training.optim import ProgressSchedule, build_optimizer
-from multitask.inference.precision import resolve_precision
 from multitask.training.rng import restore_rng_state, rng_state, seed_everything
 from multitask.training.sampler import make_sampler
 from multitask.utils.memory import rss_bytes
@@ -249,8 +249,9 @@ class Trainer:
         saved = self.run_dir / "config.json"
         if self.resume and saved.exists():
             previous = json.loads(saved.read_text(encoding="utf-8"))
-            if previous != json.loads(json.dumps(resolved)):
-                changed = differing_keys(previous, json.loads(json.dumps(resolved)))
+            current = json.loads(json.dumps(resolved))  # as it would read back from config.json
+            if previous != current:
+                changed = differing_keys(previous, current)
                 raise CheckpointError(f"{self.run_dir}: the config differs from the run being resumed "
                                       f"(keys: {', '.join(changed)}); resume with the same config, or start a new "
                                       f"run in another --output-dir")
