@@ -110,6 +110,13 @@ class OptimizationConfig:
                   "task's average per batch, so every token counts alike whichever batch it lands in. Without it, "
                   "length-grouped batches of short sentences weigh each of their few tokens far more."},
     )
+    balance_shared: bool = field(
+        default=False,
+        metadata={"help": "Rescale each step's gradient on prefixes several tasks share (shared, hybrid, groups) to "
+                  "the tasks' common scale (the mean of each task's running gradient norm there), so the task with "
+                  "the largest gradients does not own Adam's statistics of the shared prefix. Per-task prefixes and "
+                  "heads are untouched."},
+    )
     frozen_cache: FrozenCacheConfig = field(
         default_factory=FrozenCacheConfig,
         metadata={"help": "Cache of the frozen layers below every trainable prefix (prefix.layers: {top: k})."},

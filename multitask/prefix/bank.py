@@ -172,6 +172,15 @@ class PrefixBank(nn.Module):
         return tuple(sorted({layer for name in names if self.encoders[name].length for layer in
                              self.encoders[name].layers}))
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of every prefix that more than one task attends to (shared, hybrid, groups)."""
+        users: dict[str, int] = {}
+        for names in self.layout.task_prefixes.values():
+            for name in names:
+                users[name] = users.get(name, 0) + 1
+        return [p for name, count in users.items() if count > 1 for p in self.encoders[name].parameters()
+                if p.requires_grad]
+
     def shared_below(self, tasks: list[str]) -> int:
         """The lowest layer in which the given tasks' prefixes differ (all layers: they are the same throughout)."""
         for layer in range(self.num_layers):

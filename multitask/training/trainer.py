@@ -28,6 +28,7 @@ from multitask.prefix.transfer import freeze_prefixes, init_from_run
 from multitask.reporting import RunReport, TaskReport, write_reports
 from multitask.runtime import TaskRuntime, build_model, load_tokenizer, prepare_tasks
 from multitask.training import distributed
+from multitask.training.balance import SharedGradientBalancer
 from multitask.training.batching import TaskBatchStream
 from multitask.training.checkpoint import (
     load_training_state, save_checkpoint, save_training_state, trainable_state,
@@ -179,6 +180,9 @@ class Trainer:
         self.sampler = make_sampler(experiment.sampler.name, sizes, experiment.seed, **experiment.sampler.options())
         self.total_steps = total_steps(experiment, self.tasks, self.replicas, self.sampler.probabilities())
         self.optimizer = build_optimizer(self.model, experiment.optimization, self.tunings)
+        shared = self.model.prefix_bank.shared_parameters() \
+            if experiment.optimization.balance_shared and self.model.prefix_bank is not None else []
+        self.balancer = SharedGradientBalancer(shared) if shared else None
         first_step = 1.0 / self.total_steps if math.isfinite(self.total_steps) else TIME_BUDGET_FIRST_STEP
         self.scheduler = ProgressSchedule(self.optimizer, experiment.optimization, run_warmup_ratio(self.tunings),
                                           first_step)
@@ -273,6 +277,7 @@ class Trainer:
             "elapsed": self.wall_time(), "examples_seen": self.examples_seen,
             "train_seconds": self.train_seconds, "evaluation_seconds": self.evaluation_seconds,
             "prefix_init_cosine": self.prefix_similarity,
+            "balancer": self.balancer.state_dict() if self.balancer is not None else None,
         }
 
     def wall_time(self) -> float:
@@ -298,6 +303,8 @@ class Trainer:
         self.train_seconds = state.get("train_seconds", 0.0)
         self.evaluation_seconds = state.get("evaluation_seconds", 0.0)
         self.prefix_similarity = state.get("prefix_init_cosine", {})
+        if self.balancer is not None and state.get("balancer"):
+            self.balancer.load_state_dict(state["balancer"])
         log.info("resumed %s at step %d", self.run_dir, self.step)
 
     def _restore_rng(self, states: list[dict[str, Any]]) -> None:
@@ -321,6 +328,16 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ training
+    def batch_loss(self, runtime: TaskRuntime, rows: list[int], batch: Any) -> torch.Tensor:
+        """The mean training loss of one collated batch of a task's training inputs ``rows`` (through the frozen
+        cache where it covers the task), in the run's precision."""
+        inputs = ModelInputs.of_task(batch, self.model.task_id(runtime.name))
+        if self.frozen_cache is not None and self.frozen_cache.covers(runtime.name):
+            inputs = self._with_cached_states(runtime, rows, inputs)
+        with autocast(self.device, self.precision):
+            logits, _ = self.train_model(inputs.to(self.device))[runtime.name]
+            return runtime.task.loss(logits, batch.targets.to(self.device))
+
     def train_step(self) -> tuple[str, float]:
         """One optimiser step on the sampled task; returns the task and the loss of its global batch(es).
 
@@ -343,18 +360,17 @@ class Trainer:
             share, terms = distributed.loss_share(runtime.task.loss_terms(batch.targets) if rows else 0, self.device)
             weight = terms / self.mean_terms[task_name] if task_name in self.mean_terms else 1.0
             with distributed.accumulation_context(self.train_model, sync=micro == accumulation - 1):
-                inputs = ModelInputs.of_task(batch, self.model.task_id(task_name))
-                if self.frozen_cache is not None and self.frozen_cache.covers(task_name):
-                    inputs = self._with_cached_states(runtime, taken, inputs)
-                with autocast(self.device, self.precision):
-                    logits, _ = self.train_model(inputs.to(self.device))[task_name]
-                    loss = runtime.task.loss(logits, batch.targets.to(self.device))
+                loss = self.batch_loss(runtime, taken, batch)
                 self.scaler.scale(loss * (share * distributed.world_size() * weight) / accumulation).backward()
             self.examples_seen += len(indices)
             total += loss.detach() * share / accumulation
-        if self.experiment.optimization.max_grad_norm is not None:
+        max_grad_norm = self.experiment.optimization.max_grad_norm
+        if max_grad_norm is not None or self.balancer is not None:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.experiment.optimization.max_grad_norm)
+        if self.balancer is not None:
+            self.balancer(task_name)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
