@@ -41,7 +41,7 @@ def batch_gradients(trainer: Trainer, task: str, batches: int, shared: list[torc
         flat = torch.cat([p.grad.flatten().float() for p in shared])
         total = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in trainer.model.trainable_parameters()
                               if p.grad is not None))
-        results.append((float(loss), flat.clone(), total))
+        results.append((loss.item(), flat.clone(), total))
         trainer.model.zero_grad(set_to_none=True)
     return results
 
