@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -451,8 +452,9 @@ class Trainer:
         writer = self._open_writer()
         checkpoint_every = self.experiment.evaluation.checkpoint_every
         total = self.total_steps if math.isfinite(self.total_steps) else None
+        # Into a log file (not a terminal) the bar is redrawn every 30 s instead of every step.
         bar = tqdm(total=total, initial=self.step, disable=not self.progress or not distributed.is_main(),
-                   desc="train", unit="step")
+                   desc="train", unit="step", mininterval=0.1 if sys.stderr.isatty() else 30.0)
         stop = False
         while not stop and (progress := self.progress_done()) < 1.0:
             self.scheduler.update(progress)
