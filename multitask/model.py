@@ -99,10 +99,10 @@ class MultiTaskModel(nn.Module):
         trains, as in a linear probe)."""
         if any(p.requires_grad for p in self.encoder.parameters()):
             return 0
-        names = [] if self.prefix_bank is None else (
-            self.prefix_bank.layout.task_prefixes[task] if task is not None else list(self.prefix_bank.encoders))
-        layers = [layer for name in names for layer in self.prefix_bank.encoders[name].layers
-                  if self.prefix_bank.encoders[name].length and self.prefix_bank.encoders[name].trainable]
+        bank = self.prefix_bank
+        names = [] if bank is None else bank.layout.task_prefixes[task] if task is not None else list(bank.encoders)
+        encoders = [bank.encoders[name] for name in names]
+        layers = [layer for encoder in encoders if encoder.length and encoder.trainable for layer in encoder.layers]
         return min(layers, default=encoder_shape(self.encoder.config).num_layers)
 
     def shared_below(self, task_ids: torch.Tensor) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -174,10 +175,7 @@ class PrefixBank(nn.Module):
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of every prefix that more than one task attends to (shared, hybrid, groups)."""
-        users: dict[str, int] = {}
-        for names in self.layout.task_prefixes.values():
-            for name in names:
-                users[name] = users.get(name, 0) + 1
+        users = Counter(name for names in self.layout.task_prefixes.values() for name in names)
         return [p for name, count in users.items() if count > 1 for p in self.encoders[name].parameters()
                 if p.requires_grad]
 
