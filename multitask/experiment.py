@@ -117,6 +117,12 @@ class OptimizationConfig:
                   "the largest gradients does not own Adam's statistics of the shared prefix. Per-task prefixes and "
                   "heads are untouched."},
     )
+    balance_strength: float = field(
+        default=1.0,
+        metadata={"help": "With balance_shared: how far each task's shared-prefix gradient moves toward the common "
+                  "scale; the factor is (common / own) ** strength. 1: all the way (every task alike); 0.5: halfway "
+                  "on a log scale (the task with the largest gradients keeps part of its lead)."},
+    )
     frozen_cache: FrozenCacheConfig = field(
         default_factory=FrozenCacheConfig,
         metadata={"help": "Cache of the frozen layers below every trainable prefix (prefix.layers: {top: k})."},
@@ -135,6 +141,8 @@ class OptimizationConfig:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.grad_accumulation < 1 or self.batch_size < 1:
             raise ValueError("batch_size and grad_accumulation must be >= 1")
+        if not 0.0 <= self.balance_strength <= 1.0:
+            raise ValueError(f"balance_strength must be in [0, 1], got {self.balance_strength}")
 
 
 @dataclass

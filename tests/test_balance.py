@@ -30,6 +30,18 @@ def test_every_task_reaches_the_common_scale_and_its_direction_is_kept():
     assert restored.norms == balancer.norms
 
 
+def test_a_partial_strength_moves_each_task_part_of_the_way_on_a_log_scale():
+    shared = torch.nn.Parameter(torch.zeros(1))
+    balancer = SharedGradientBalancer([shared], strength=0.5)
+    shared.grad = torch.tensor([4.0])
+    assert balancer("qa") == pytest.approx(1.0)  # alone, a task is its own common scale
+    shared.grad = torch.tensor([1.0])
+    # running norms: qa 4, cls 1 (first step of each); common scale 2.5; cls gets (2.5 / 1) ** 0.5
+    assert balancer("cls") == pytest.approx(2.5**0.5) and float(shared.grad) == pytest.approx(2.5**0.5)
+    with pytest.raises(ValueError, match="strength"):
+        SharedGradientBalancer([shared], strength=1.5)
+
+
 def test_a_zero_or_overflowed_gradient_is_left_alone():
     shared = torch.nn.Parameter(torch.zeros(2))
     balancer = SharedGradientBalancer([shared])

@@ -5,7 +5,8 @@ parameter. On a prefix every task shares, a task whose gradients are larger (QA'
 positions against a sentence label) then owns both: the others' updates shrink by the ratio of the norms, and the
 shared prefix trains mostly for that task. ``optimization.balance_shared`` rescales each step's gradient on the
 shared prefixes to the tasks' common gradient scale: the mean, over tasks, of a running average of each task's
-own gradient norm there. Task prefixes and heads, which one task alone trains, are left as they are.
+own gradient norm there; ``balance_strength`` below 1 moves each task only part of the way (on a log scale). Task
+prefixes and heads, which one task alone trains, are left as they are.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ MOMENTUM = 0.9
 class SharedGradientBalancer:
     """Rescales the gradient on ``parameters`` (shared by several tasks) after each task's backward pass."""
 
-    def __init__(self, parameters: list[torch.nn.Parameter]) -> None:
+    def __init__(self, parameters: list[torch.nn.Parameter], strength: float = 1.0) -> None:
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"balance strength must be in [0, 1], got {strength}")
         self.parameters = parameters
+        self.strength = strength
         self.norms: dict[str, float] = {}  # per task: running average of its gradient norm on the shared prefixes
 
     @torch.no_grad()
@@ -37,7 +41,7 @@ class SharedGradientBalancer:
             return 1.0
         previous = self.norms.get(task)
         self.norms[task] = norm if previous is None else MOMENTUM * previous + (1 - MOMENTUM) * norm
-        factor = (sum(self.norms.values()) / len(self.norms)) / self.norms[task]
+        factor = ((sum(self.norms.values()) / len(self.norms)) / self.norms[task]) ** self.strength
         for grad in grads:
             grad.mul_(factor)
         return factor

@@ -183,7 +183,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, experiment.optimization, self.tunings)
         shared = self.model.prefix_bank.shared_parameters() \
             if experiment.optimization.balance_shared and self.model.prefix_bank is not None else []
-        self.balancer = SharedGradientBalancer(shared) if shared else None
+        self.balancer = SharedGradientBalancer(shared, experiment.optimization.balance_strength) if shared else None
         first_step = 1.0 / self.total_steps if math.isfinite(self.total_steps) else TIME_BUDGET_FIRST_STEP
         self.scheduler = ProgressSchedule(self.optimizer, experiment.optimization, run_warmup_ratio(self.tunings),
                                           first_step)
