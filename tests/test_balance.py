@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from multitask.config import load_config
+from multitask.errors import ConfigError
+from multitask.experiment import ExperimentConfig
 from multitask.training.balance import SharedGradientBalancer
 from tests.fixtures import write_project
 from tests.test_training import make_trainer
@@ -59,3 +64,10 @@ def test_only_prefixes_several_tasks_share_are_balanced(tmp_path):
     assert trainer.balancer.norms.keys() == {name} and loss > 0
     per_task = write_project(tmp_path / "per_task", mode="per_task")
     assert make_trainer(per_task, tmp_path / "run2", ["optimization.balance_shared=true"]).balancer is None
+
+
+def test_a_strength_outside_0_1_is_a_one_line_config_error():
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "quickstart_shared.yaml"
+    with pytest.raises(ConfigError, match=r"quickstart_shared\.yaml:\d+: key 'optimization': balance_strength must be "
+                       r"in \[0, 1\], got 1\.5$"):
+        load_config(ExperimentConfig, shipped, ["optimization.balance_strength=1.5"])

@@ -162,3 +162,12 @@ def test_broken_task_file_names_file_line_and_key(tmp_path, capsys):
     assert main(["train", str(config), "--no-progress"]) == 2
     error = capsys.readouterr().err
     assert "cls.yaml:7: key 'max_lenght': unknown key (did you mean 'max_length'?)" in error
+
+
+def test_the_training_bar_redraws_rarely_into_a_log_file(tmp_path, capsys):
+    """Into a file (pytest's capture is not a terminal) a 12-step run draws its bar a handful of times, not per step."""
+    config = write_project(tmp_path)
+    experiment = load_config(ExperimentConfig, config, ["optimization.max_steps=12", "evaluation.every_steps=null"])
+    Trainer(experiment, tmp_path / "run", config_path=config, progress=True).train()
+    bar_lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("train:")]
+    assert 1 <= len(bar_lines) <= 4

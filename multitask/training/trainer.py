@@ -465,8 +465,10 @@ class Trainer:
             self.step += 1
             self.history.add_loss(task, self.step, loss)
             writer.add_scalar(f"train/loss/{task}", loss, self.step)
+            # The postfix first, without a redraw of its own (tqdm's default would redraw at every step), then the
+            # update, which redraws at most once per mininterval.
+            bar.set_postfix(task=task, loss=f"{loss:.4f}", minutes=f"{self.train_seconds / 60:.1f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(task=task, loss=f"{loss:.4f}", minutes=f"{self.train_seconds / 60:.1f}")
             done = self.progress_done() >= 1.0
             evaluated = done or self._evaluation_due(seconds_before)
             if evaluated:
