@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multitask.model import MultiTaskModel
+from multitask.model import ModelInputs, MultiTaskModel
 from multitask.heads import HEADS, HeadConfig
 from multitask.prefix.bank import TaskPrefixRequest, plan_layout
 from multitask.prefix.config import PrefixBankConfig, PrefixConfig
@@ -18,8 +18,9 @@ from tests.tiny import tiny_encoder, tiny_tokenizer
 LENGTH = 6
 
 
-def model_with(prefix: PrefixConfig, kind: str = "bert") -> MultiTaskModel:
-    layout = plan_layout(PrefixBankConfig(mode="per_task", prefix=prefix), [TaskPrefixRequest("cls")])
+def model_with(prefix: PrefixConfig, kind: str = "bert", attention: str = "joint") -> MultiTaskModel:
+    layout = plan_layout(PrefixBankConfig(mode="per_task", prefix=prefix, attention=attention),
+                         [TaskPrefixRequest("cls")])
     head = HEADS.get("sequence")(HeadConfig(dropout=0.0), 32, 2)
     return MultiTaskModel(tiny_encoder(kind), {"cls": head}, layout)
 
@@ -103,3 +104,23 @@ def test_folding_keeps_the_initial_prefix(tokenizer):
     before = model.prefix_bank.encoders["task_cls"]().detach()
     model.prefix_bank.fold()
     torch.testing.assert_close(model.prefix_bank.encoders["task_cls"]().detach(), before)
+
+
+@pytest.mark.parametrize("reparameterize", [False, True])
+@pytest.mark.parametrize("init", ["normal", "uniform", "vocab"])
+def test_separate_attention_starts_from_the_frozen_encoders_output(init, reparameterize, tokenizer):
+    # attention: separate starts every prefix with zero values (its keys as the init option makes them), so the
+    # first step sees the frozen encoder's own output, and the virtual tokens are still distinct (by their keys).
+    torch.manual_seed(0)
+    config = PrefixConfig(length=LENGTH, reparameterize=reparameterize, mlp_hidden_size=64, dropout=0.0, init=init)
+    model = model_with(config, attention="separate").eval()
+    similarity = initialize_prefixes(model.prefix_bank, model.encoder, tokenizer, sequences(tokenizer))
+    kv = model.prefix_bank.encoders["task_cls"]().detach()
+    assert kv[:, 1].abs().max() < 1e-5 and kv[:, 0].abs().max() > 0.1
+    assert similarity["task_cls"] < MAX_COSINE[init]
+    ids = torch.tensor([tokenizer("the movie was good")["input_ids"]])
+    inputs = ModelInputs(ids, torch.ones_like(ids), torch.tensor([0]))
+    with torch.no_grad():
+        with_prefix = model.encode(inputs).hidden_states
+        plain = model.encoder(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    torch.testing.assert_close(with_prefix, plain, atol=1e-5, rtol=0)

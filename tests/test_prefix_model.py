@@ -19,7 +19,8 @@ MODES = ["shared", "per_task", "hybrid", "groups"]
 NUM_LAYERS, NUM_HEADS, HEAD_DIM = 2, 4, 8
 
 
-def build_model(kind="bert", mode="per_task", attention="sdpa", lengths=(4, 4, 4), reparameterize=True, dropout=0.0):
+def build_model(kind="bert", mode="per_task", attention="sdpa", lengths=(4, 4, 4), reparameterize=True, dropout=0.0,
+                prefix_attention="joint"):
     encoder = tiny_encoder(kind, attention)
     requests = [
         TaskPrefixRequest("cls", group="g1", length=lengths[0]),
@@ -32,7 +33,7 @@ def build_model(kind="bert", mode="per_task", attention="sdpa", lengths=(4, 4, 4
         group_lengths = {"g1": lengths[0], "g2": lengths[1]}
     config = PrefixBankConfig(
         mode=mode, prefix=PrefixConfig(length=4, dropout=dropout, reparameterize=reparameterize, mlp_hidden_size=16),
-        shared_length=3, group_lengths=group_lengths,
+        shared_length=3, group_lengths=group_lengths, attention=prefix_attention,
     )
     torch.manual_seed(1)
     heads = {
@@ -120,8 +121,9 @@ def test_prefix_reaches_every_layer(kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("lengths", [(4, 4, 4), (2, 5, 0)])
-def test_mixed_task_batch_matches_separate_batches(kind, mode, lengths):
-    model = build_model(kind, mode, lengths=lengths)
+@pytest.mark.parametrize("prefix_attention", ["joint", "separate"])
+def test_mixed_task_batch_matches_separate_batches(kind, mode, lengths, prefix_attention):
+    model = build_model(kind, mode, lengths=lengths, prefix_attention=prefix_attention)
     mixed = batch([0, 1, 2, 1, 0, 2])
     with torch.no_grad():
         mixed_out = model(mixed)
@@ -148,11 +150,13 @@ def test_group_members_asking_different_lengths_is_an_error():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_eager_and_sdpa_agree(kind):
+@pytest.mark.parametrize("prefix_attention", ["joint", "separate"])
+def test_eager_and_sdpa_agree(kind, prefix_attention):
     inputs = batch([0, 1, 2, 0])
     with torch.no_grad():
-        sdpa = build_model(kind, "hybrid", attention="sdpa", lengths=(2, 5, 3)).encode(inputs).hidden_states
-        eager = build_model(kind, "hybrid", attention="eager", lengths=(2, 5, 3)).encode(inputs).hidden_states
+        sdpa, eager = (build_model(kind, "hybrid", attention=implementation, lengths=(2, 5, 3),
+                                   prefix_attention=prefix_attention).encode(inputs).hidden_states
+                       for implementation in ("sdpa", "eager"))
     torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
 
 
@@ -231,3 +235,76 @@ def test_eager_and_sdpa_agree_without_padding_on_mixed_prefix_lengths(kind):
         sdpa = build_model(kind, "per_task", attention="sdpa", lengths=(2, 5, 3)).encode(inputs).hidden_states
         eager = build_model(kind, "per_task", attention="eager", lengths=(2, 5, 3)).encode(inputs).hidden_states
     torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
+
+
+def _one_layer_attention(encoder, hidden, prefix: PrefixKV | None):
+    """Layer 0's self-attention output for ``hidden`` (no padding), computed by the prefix-aware kernel."""
+    layer = encoder.encoder.layer[0].attention.self
+    return layer(hidden, attention_mask=None, prefix_kv=prefix)[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_separate_prefix_adds_its_own_softmax_to_the_tokens_attention(kind):
+    # attention: separate = the plain attention over the real tokens + softmax(q k_prefix) v_prefix, per head.
+    encoder = tiny_encoder(kind).eval()
+    hidden = torch.randn(2, 7, 32)
+    shape = (2, NUM_LAYERS, NUM_HEADS, 3, HEAD_DIM)
+    keys, values = torch.randn(shape), torch.randn(shape)
+    with torch.no_grad():
+        plain = _one_layer_attention(encoder, hidden, None)
+        out = _one_layer_attention(encoder, hidden, PrefixKV(keys, values, torch.ones(2, 3, dtype=torch.bool),
+                                                             separate=True))
+        attention = encoder.encoder.layer[0].attention.self
+        query = attention.query(hidden).view(2, 7, NUM_HEADS, HEAD_DIM).transpose(1, 2)
+        weights = torch.softmax(query @ keys[:, 0].transpose(-1, -2) * HEAD_DIM ** -0.5, dim=-1)
+        expected = plain + (weights @ values[:, 0]).transpose(1, 2).reshape(2, 7, 32)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_separate_prefix_with_zero_values_leaves_the_encoder_unchanged(kind):
+    # The point of separate attention: however large its keys, a prefix whose values are zero takes no attention
+    # from the real tokens, so training starts from the frozen encoder's own output (joint attention would not).
+    encoder = tiny_encoder(kind)
+    inputs = batch([0, 0, 0])
+    shape = (3, NUM_LAYERS, NUM_HEADS, 5, HEAD_DIM)
+    keys, zeros, visible = torch.randn(shape) * 5, torch.zeros(shape), torch.ones(3, 5, dtype=torch.bool)
+    with torch.no_grad():
+        plain = plain_hidden(encoder, inputs)
+        separate = plain_hidden(encoder, inputs, PrefixKV(keys, zeros, visible, separate=True))
+        joint = plain_hidden(encoder, inputs, PrefixKV(keys, zeros, visible))
+    torch.testing.assert_close(separate, plain, atol=1e-6, rtol=0)
+    assert (joint - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_separate_prefix_hidden_from_an_example_gives_it_the_plain_output(kind):
+    encoder = tiny_encoder(kind)
+    inputs = batch([0, 0, 0])
+    shape = (3, NUM_LAYERS, NUM_HEADS, 5, HEAD_DIM)
+    visible = torch.tensor([[True] * 5, [False] * 5, [True, True, False, False, False]])
+    with torch.no_grad():
+        plain = plain_hidden(encoder, inputs)
+        out = plain_hidden(encoder, inputs, PrefixKV(torch.randn(shape), torch.randn(shape), visible, separate=True))
+    torch.testing.assert_close(out[1], plain[1], atol=1e-6, rtol=0)
+    assert (out[0] - plain[0]).abs().max() > 1e-3 and (out[2] - plain[2]).abs().max() > 1e-3
+
+
+def test_separate_prefix_learns_from_zero_values():
+    # Zero values are not a dead start: the values get gradients at once, the keys as soon as the values differ.
+    model = build_model("bert", "per_task", prefix_attention="separate", reparameterize=False).train()
+    with torch.no_grad():
+        for prefix in model.prefix_bank.encoders.values():
+            kv = prefix().clone()
+            kv[:, 1] = 0.0
+            prefix.set_initial(kv)
+    optimizer = torch.optim.Adam(model.prefix_bank.parameters(), lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        outputs = model(batch([0, 1, 2]))
+        sum(logits.pow(2).mean() for logits, _ in outputs.values()).backward()
+        optimizer.step()
+    for prefix in model.prefix_bank.encoders.values():
+        kv = prefix().detach()
+        assert kv[:, 1].abs().max() > 1e-3  # values moved off zero
+        assert prefix.embedding.grad.view(prefix.length, NUM_LAYERS, 2, -1)[:, :, 0].abs().max() > 0  # keys learn

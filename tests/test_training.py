@@ -25,11 +25,11 @@ def make_trainer(config_path: Path, run_dir: Path, overrides=(), **kwargs) -> Tr
     return Trainer(experiment, run_dir, config_path=config_path, progress=False, **kwargs)
 
 
-@pytest.mark.parametrize("mode", ["per_task", "shared"])
-def test_joint_run_writes_reports_checkpoint_and_predicts_identically(tmp_path, mode):
+@pytest.mark.parametrize("mode, overrides", [("per_task", ()), ("shared", ()), ("per_task", ("prefix.attention=separate",))])
+def test_joint_run_writes_reports_checkpoint_and_predicts_identically(tmp_path, mode, overrides):
     config = write_project(tmp_path, mode=mode)
     run_dir = tmp_path / "run"
-    make_trainer(config, run_dir).train()
+    make_trainer(config, run_dir, overrides).train()
 
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["tasks"]) == {"cls", "ner", "qa"}

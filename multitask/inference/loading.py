@@ -49,6 +49,7 @@ def _rebuild_model(meta: dict[str, Any], tasks: dict[str, TaskType], encoder) ->
         layout = PrefixLayout(
             prefixes={name: PrefixConfig(**cfg) for name, cfg in saved["prefixes"].items()},
             task_prefixes={task: tuple(names) for task, names in saved["task_prefixes"].items()},
+            attention=saved.get("attention", "joint"),  # checkpoints before attention: separate were all joint
         )
     return MultiTaskModel(encoder, heads, layout)
 

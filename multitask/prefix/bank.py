@@ -69,6 +69,7 @@ class PrefixLayout:
 
     prefixes: dict[str, PrefixConfig]
     task_prefixes: dict[str, tuple[str, ...]]
+    attention: str = "joint"  # PrefixBankConfig.attention
 
 
 def plan_layout(config: PrefixBankConfig, requests: list[TaskPrefixRequest]) -> PrefixLayout:
@@ -100,18 +101,20 @@ def plan_layout(config: PrefixBankConfig, requests: list[TaskPrefixRequest]) -> 
             prefixes.setdefault(name, _settle(default, members, config.group_lengths.get(group),
                                               _same_layers(name, members)))
             task_prefixes[request.task] = (name,)
-    return PrefixLayout(prefixes, task_prefixes)
+    return PrefixLayout(prefixes, task_prefixes, config.attention)
 
 
 @dataclass
 class LayerPrefix:
     """One attention layer's prefix: keys/values ``(batch, heads, P, head_dim)``, mask ``(batch, P)`` (False where an
-    example's task has no prefix token at that position), and whether every example sees every position."""
+    example's task has no prefix token at that position), whether every example sees every position, and whether
+    it is attended in a softmax of its own (``PrefixBankConfig.attention: separate``)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     mask: torch.Tensor
     fully_visible: bool
+    separate: bool = False
 
 
 @dataclass
@@ -129,6 +132,7 @@ class PrefixKV:
     mask: torch.Tensor
     columns: list[list[int] | None] | None = None
     full: list[bool] | None = None  # per layer: every example sees every kept position
+    separate: bool = False  # attended in a softmax of its own (PrefixBankConfig.attention)
 
     def layer(self, index: int) -> LayerPrefix | None:
         mask = self.mask if self.mask.dim() == 2 else self.mask[:, index]
@@ -139,7 +143,7 @@ class PrefixKV:
                 return None
             keys, values, mask = keys[:, :, columns], values[:, :, columns], mask[:, columns]
         full = bool(mask.all()) if self.full is None else self.full[index]
-        return LayerPrefix(keys, values, mask, full)
+        return LayerPrefix(keys, values, mask, full, self.separate)
 
 
 class PrefixBank(nn.Module):
@@ -239,12 +243,13 @@ class PrefixBank(nn.Module):
         stacked = torch.stack(per_task)  # (tasks, layers, 2, heads, P, head_dim)
         position = torch.searchsorted(unique_ids, task_ids)
         kv = self.dropout(stacked[position])
+        separate = self.layout.attention == "separate"
         if self.every_layer:
             masks = torch.stack([torch.arange(longest, device=task_ids.device) < length for length in lengths])
-            return PrefixKV(keys=kv[:, :, 0], values=kv[:, :, 1], mask=masks[position])
+            return PrefixKV(keys=kv[:, :, 0], values=kv[:, :, 1], mask=masks[position], separate=separate)
         masks, columns, full = self._depth_plan(tuple(tasks), longest)
         return PrefixKV(keys=kv[:, :, 0], values=kv[:, :, 1], mask=masks.to(task_ids.device)[position],
-                        columns=columns, full=full)
+                        columns=columns, full=full, separate=separate)
 
     def fold(self) -> None:
         """Replace every reparameterised encoder by its flat equivalent (for saving and fast inference)."""

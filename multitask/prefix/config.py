@@ -118,6 +118,14 @@ class PrefixBankConfig:
         metadata={"help": "Prefixes that do not train (e.g. [shared] after init_from: a multi-task shared base with "
                   "task prefixes trained on top). Frozen prefixes are saved with the run."},
     )
+    attention: Literal["joint", "separate"] = field(
+        default="joint",
+        metadata={"help": "How the real tokens attend to the prefix. joint: one softmax over prefix and real keys "
+                  "(P-Tuning v2). separate: the prefix in a softmax of its own whose output is added to the "
+                  "tokens' attention, so it takes no attention away from the real tokens; its values start at "
+                  "zero, so training starts from the frozen encoder's own output (LLaMA-Adapter's zero-init "
+                  "attention). Better with a few hundred training examples (docs/tuning.md)."},
+    )
 
     def __post_init__(self) -> None:
         if self.shared_layers is not None:

@@ -3,7 +3,8 @@
 The encoder is loaded with ``attn_implementation`` set to one of the names registered here. Its self-attention
 modules then call :func:`_prefix_attention`, which reads the ``prefix_kv`` keyword that :class:`~multitask.model`
 passes to the encoder's forward (transformers forwards extra keywords down to the attention function). The
-prefix is concatenated in front of the layer's keys/values and the mask is widened by ``P`` positions. The
+prefix is concatenated in front of the layer's keys/values and the mask is widened by ``P`` positions (``attention:
+joint``), or attended in a softmax of its own whose output is added to the layer's (``attention: separate``). The
 encoder's own position ids are untouched, so a full-length input still fits, and nothing is cached between
 calls, so gradient checkpointing keeps working.
 """
@@ -49,6 +50,26 @@ def _widen_mask(
     return torch.cat([prefix_part, mask.expand(batch, -1, -1, -1)], dim=-1)
 
 
+def _separate_prefix_attention(
+    module, query: torch.Tensor, prefix: LayerPrefix, scaling: float | None = None, dropout: float = 0.0, **_
+) -> torch.Tensor:
+    """The queries' attention over the prefix alone, ``(batch, q_len, heads, head_dim)`` like the kernels' output.
+
+    Its own softmax, so the prefix adds to what the real tokens give instead of taking attention from them; an
+    example whose task has no prefix here gets zeros (its softmax would have no visible key).
+    """
+    scale = scaling if scaling is not None else module.scaling
+    scores = torch.matmul(query, prefix.keys.to(query.dtype).transpose(-1, -2)) * scale  # (B, H, q_len, P)
+    visible = prefix.mask[:, None, None, :]
+    if not prefix.fully_visible:
+        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if not prefix.fully_visible:
+        weights = weights * visible.any(dim=-1, keepdim=True)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, prefix.values.to(query.dtype)).transpose(1, 2)
+
+
 def _with_prefix(base: Callable, additive_mask: bool) -> Callable:
     def attention(
         module, query, key, value, attention_mask, prefix_kv: PrefixKV | None = None,
@@ -57,6 +78,9 @@ def _with_prefix(base: Callable, additive_mask: bool) -> Callable:
         if kv_sink is not None:  # the layer's own keys/values of real tokens (prefix initialisation reads them)
             kv_sink[module.layer_idx] = (key.detach(), value.detach())
         prefix = prefix_kv.layer(module.layer_idx) if prefix_kv is not None else None
+        if prefix is not None and prefix.separate:
+            output, weights = base(module, query, key, value, attention_mask, **kwargs)
+            return output + _separate_prefix_attention(module, query, prefix, **kwargs), weights
         if prefix is not None:  # None: no task of the batch has a prefix in this layer
             key = torch.cat([prefix.keys.to(key.dtype), key], dim=2)
             value = torch.cat([prefix.values.to(value.dtype), value], dim=2)
