@@ -58,7 +58,8 @@ def test_joint_run_writes_reports_checkpoint_and_predicts_identically(tmp_path, 
     assert qa[0]["answer"] in "john smith was born in london ."
 
 
-@pytest.mark.parametrize("mode, extra", [("per_task", []), ("shared", ["optimization.balance_shared=true"])])
+@pytest.mark.parametrize("mode, extra", [("per_task", []), ("shared", ["optimization.balance_shared=true"]),
+                                         ("per_task", ["optimization.ema_decay=0.9"])])
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, mode, extra):
     config = write_project(tmp_path, mode=mode)
     overrides = ["evaluation.checkpoint_every=2", *extra]

@@ -7,6 +7,7 @@ import logging
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +30,7 @@ from multitask.prefix.transfer import freeze_prefixes, init_from_run
 from multitask.reporting import RunReport, TaskReport, write_reports
 from multitask.runtime import TaskRuntime, build_model, load_tokenizer, prepare_tasks
 from multitask.training import distributed
+from multitask.training.averaging import WeightAverage
 from multitask.training.balance import SharedGradientBalancer
 from multitask.training.batching import TaskBatchStream
 from multitask.training.checkpoint import (
@@ -187,6 +189,8 @@ class Trainer:
         first_step = 1.0 / self.total_steps if math.isfinite(self.total_steps) else TIME_BUDGET_FIRST_STEP
         self.scheduler = ProgressSchedule(self.optimizer, experiment.optimization, run_warmup_ratio(self.tunings),
                                           first_step)
+        decay = experiment.optimization.ema_decay
+        self.average = WeightAverage(self.model, decay) if decay is not None else None
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16" and self.device.type == "cuda")
         # Mean loss terms per global batch of each task whose terms vary from batch to batch (NER: labelled tokens).
         self.mean_terms = mean_terms_per_batch(self.tasks, self.replicas, self.tokenizer.pad_token_id or 0) \
@@ -279,6 +283,7 @@ class Trainer:
             "train_seconds": self.train_seconds, "evaluation_seconds": self.evaluation_seconds,
             "prefix_init_cosine": self.prefix_similarity,
             "balancer": self.balancer.state_dict() if self.balancer is not None else None,
+            "average": self.average.state_dict() if self.average is not None else None,
         }
 
     def wall_time(self) -> float:
@@ -306,6 +311,8 @@ class Trainer:
         self.prefix_similarity = state.get("prefix_init_cosine", {})
         if self.balancer is not None and state.get("balancer"):
             self.balancer.load_state_dict(state["balancer"])
+        if self.average is not None and state.get("average"):
+            self.average.load_state_dict(state["average"])
         log.info("resumed %s at step %d", self.run_dir, self.step)
 
     def _restore_rng(self, states: list[dict[str, Any]]) -> None:
@@ -375,6 +382,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.average is not None:
+            self.average.update()
         return task_name, distributed.all_reduce_sum(total).item()
 
     def evaluate_all(self, splits: list[str]) -> dict[str, dict[str, Any]]:
@@ -400,8 +409,16 @@ class Trainer:
         ]
         return sum(scores) / len(scores) if scores else None
 
+    def _evaluated_weights(self):
+        """The weights evaluations and checkpoints see: the running average (ema_decay), else the trained ones."""
+        return self.average.applied() if self.average is not None else nullcontext()
+
     def _periodic_evaluation(self, writer) -> bool:
         """Evaluate, keep the best checkpoint, and say whether early stopping should end training."""
+        with self._evaluated_weights():
+            return self._evaluate_and_keep_best(writer)
+
+    def _evaluate_and_keep_best(self, writer) -> bool:
         started = time.perf_counter()
         results = self.evaluate_all(self.experiment.evaluation.splits)
         self.evaluation_seconds += time.perf_counter() - started
@@ -505,6 +522,8 @@ class Trainer:
         ranks only help evaluate and return None)."""
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state, strict=False)
+        elif self.average is not None:  # nothing evaluated: the weights evaluations would have seen
+            self.average.copy_to_model()
         splits = sorted({s for t in self.tasks for s in t.features if s != "train"})
         results = self.evaluate_all(splits)
         if not distributed.is_main():
