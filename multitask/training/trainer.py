@@ -191,6 +191,8 @@ class Trainer:
                                           first_step)
         decay = experiment.optimization.ema_decay
         self.average = WeightAverage(self.model, decay) if decay is not None else None
+        if self.average is not None:
+            log.info("evaluating and saving a running average of the trained weights (ema_decay %g)", decay)
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16" and self.device.type == "cuda")
         # Mean loss terms per global batch of each task whose terms vary from batch to batch (NER: labelled tokens).
         self.mean_terms = mean_terms_per_batch(self.tasks, self.replicas, self.tokenizer.pad_token_id or 0) \
