@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 
 from multitask.errors import UnsupportedModelError
-from multitask.prefix.bank import PrefixKV
+from multitask.prefix.bank import PrefixInputs
 
 
 def encoder_layers(encoder: PreTrainedModel) -> torch.nn.ModuleList:
@@ -34,7 +34,7 @@ def embed(encoder: PreTrainedModel, input_ids: torch.Tensor, token_type_ids: tor
 
 def run_layers(
     encoder: PreTrainedModel, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int,
-    prefix_kv: PrefixKV | None = None,
+    prefix_kv: PrefixInputs | None = None,
 ) -> torch.Tensor:
     """Layers ``start`` .. ``stop - 1`` on ``hidden`` (batch, tokens, hidden); ``attention_mask`` is the 2-D padding
     mask. Layers without a prefix in ``prefix_kv`` attend as the plain encoder does."""
@@ -47,7 +47,7 @@ def run_layers(
 
 def lower_states(
     encoder: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-    token_type_ids: torch.Tensor | None, boundary: int, prefix_kv: PrefixKV | None = None,
+    token_type_ids: torch.Tensor | None, boundary: int, prefix_kv: PrefixInputs | None = None,
 ) -> torch.Tensor:
     """The hidden states entering layer ``boundary`` (the embeddings when it is 0)."""
     hidden = embed(encoder, input_ids, token_type_ids)
@@ -56,7 +56,7 @@ def lower_states(
 
 def upper_output(
     encoder: PreTrainedModel, hidden: torch.Tensor, attention_mask: torch.Tensor, boundary: int,
-    prefix_kv: PrefixKV | None = None,
+    prefix_kv: PrefixInputs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The last hidden states (and the pooler's output, where the encoder has one) from the states entering
     layer ``boundary``."""

@@ -109,10 +109,10 @@ def build_heads(tasks: list[TaskType], hidden_size: int) -> dict[str, torch.nn.M
 
 def prefix_requests(tasks: list[TaskType], tunings: dict[str, TaskTuning]) -> list[TaskPrefixRequest]:
     return [
-        TaskPrefixRequest(t.config.name, t.config.prefix.group, tunings[t.config.name].prefix_length,
-                          tunings[t.config.name].reparameterize, tunings[t.config.name].prefix_dropout,
-                          t.config.prefix.layers)
-        for t in tasks
+        TaskPrefixRequest(t.config.name, t.config.prefix.group, tuning.prefix_length, tuning.reparameterize,
+                          tuning.prefix_dropout, t.config.prefix.layers, tuning.prefix_attention,
+                          attention_chosen=tuning.sources["prefix_attention"] in ("task file", "experiment"))
+        for t in tasks for tuning in [tunings[t.config.name]]
     ]
 
 

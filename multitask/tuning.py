@@ -26,6 +26,7 @@ class TuningDefaults:
     prefix_lr: float = 2e-2
     head_lr: float = 2e-2
     warmup_ratio: float = 0.06
+    prefix_attention: str = "joint"  # PrefixBankConfig.attention
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class TaskTuning:
     prefix_lr: float
     head_lr: float
     warmup_ratio: float
+    prefix_attention: str
     sources: dict[str, str]
 
     def describe(self) -> str:
@@ -68,6 +70,8 @@ def resolve_task_tuning(experiment, task) -> TaskTuning:
         "head_lr": [(task.config.head.lr, "task file"), (optimization.head_lr, "experiment"),
                     (head_default, default_source if experiment.method == "prefix" else f"{experiment.method} default")],
         "warmup_ratio": [(optimization.warmup_ratio, "experiment"), (defaults.warmup_ratio, default_source)],
+        "prefix_attention": [(task.config.prefix.attention, "task file"), (experiment.prefix.attention, "experiment"),
+                             (defaults.prefix_attention, default_source)],
     }
     resolved = {key: _first(candidates) for key, candidates in choices.items()}
     return TaskTuning(task=task.config.name, **{k: v for k, (v, _) in resolved.items()},

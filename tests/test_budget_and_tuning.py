@@ -86,6 +86,20 @@ def test_per_task_type_defaults_task_file_and_experiment_override(tmp_path, capl
     assert 0.03 in rates and 0.005 in rates
 
 
+def test_prefix_attention_per_task_type_experiment_and_task_file(tmp_path):
+    config = write_project(tmp_path)
+
+    def attention(*overrides):
+        experiment = load_config(ExperimentConfig, config, list(overrides))
+        tunings = resolve_tuning(experiment, [task for _, task, _ in load_tasks(experiment, config)])
+        return {name: (t.prefix_attention, t.sources["prefix_attention"]) for name, t in tunings.items()}
+
+    assert attention() == {"cls": ("joint", "classification default"), "ner": ("separate", "ner default"),
+                           "qa": ("separate", "qa default")}
+    assert attention("prefix.attention=joint", "tasks.2.overrides.prefix.attention=separate") == {
+        "cls": ("joint", "experiment"), "ner": ("joint", "experiment"), "qa": ("separate", "task file")}
+
+
 def test_compare_with_a_time_budget_gives_each_method_a_learning_curve(tmp_path):
     config = write_project(tmp_path)
     experiment = load_config(ExperimentConfig, config)

@@ -124,3 +124,17 @@ def test_separate_attention_starts_from_the_frozen_encoders_output(init, reparam
         with_prefix = model.encode(inputs).hidden_states
         plain = model.encoder(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
     torch.testing.assert_close(with_prefix, plain, atol=1e-5, rtol=0)
+
+
+def test_only_separately_attended_prefixes_start_with_zero_values(tokenizer):
+    # A hybrid ner task with a joint shared prefix: zero values would make the joint prefix a sink that only
+    # dilutes the tokens' attention, so only the separate one starts from zero.
+    torch.manual_seed(0)
+    layout = plan_layout(PrefixBankConfig(mode="hybrid", prefix=PrefixConfig(length=LENGTH)),
+                         [TaskPrefixRequest("cls", attention="joint"), TaskPrefixRequest("ner", attention="separate")])
+    heads = {"cls": HEADS.get("sequence")(HeadConfig(dropout=0.0), 32, 2),
+             "ner": HEADS.get("token")(HeadConfig(dropout=0.0), 32, 3)}
+    model = MultiTaskModel(tiny_encoder("bert"), heads, layout)
+    initialize_prefixes(model.prefix_bank, model.encoder, tokenizer, {**sequences(tokenizer), "ner": []})
+    values = {name: prefix().detach()[:, 1].abs().max() for name, prefix in model.prefix_bank.encoders.items()}
+    assert values["task_ner"] < 1e-5 and values["task_cls"] > 0.1 and values["shared"] > 0.1

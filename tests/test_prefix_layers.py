@@ -139,13 +139,31 @@ def test_a_shared_prefix_in_every_layer_with_task_prefixes_on_top():
     assert bank.encoders["shared"].layers == (0, 1, 2, 3) and bank.encoders["task_cls"].layers == (2, 3)
     assert bank.shared_below(["cls", "ner"]) == 2 and bank.prefixed_layers("cls") == (0, 1, 2, 3)
     prefix = bank(torch.tensor([0, 1]))
-    assert prefix.layer(0).keys.shape[2] == 3 and prefix.layer(3).keys.shape[2] == 7  # lower layers: shared only
-    assert prefix.layer(0).fully_visible and prefix.layer(3).fully_visible
+    assert prefix.joint.layer(0).keys.shape[2] == 3 and prefix.joint.layer(3).keys.shape[2] == 7  # lower layers: shared only
+    assert prefix.joint.layer(0).fully_visible and prefix.joint.layer(3).fully_visible
     # Below layer 2 both tasks see the same prefix, so one lower pass serves them both.
     batch = inputs([0, 1])
     same_text = ModelInputs(batch.input_ids[[0, 0]], batch.attention_mask[[0, 0]], torch.tensor([0, 1]))
     states = model.encode_lower(same_text, 2)
     assert torch.allclose(states[0], states[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_joint_shared_prefix_below_separate_task_prefixes_mix_in_one_batch(attention):
+    # hybrid: a shared prefix in every layer attended jointly (the tasks' defaults differ), the ner task's own
+    # prefix in the top two layers attended separately, the cls task's own jointly.
+    config = PrefixBankConfig(mode="hybrid", prefix=flat(4, {"top": 2}), shared_length=3, shared_layers="all")
+    requests = [TaskPrefixRequest("cls", attention="joint"), TaskPrefixRequest("ner", attention="separate")]
+    model = model_with(config, requests, attention=attention)
+    prefix = model.prefix_bank(torch.tensor([0, 1]))
+    assert prefix.separate.layer(1) is None and prefix.separate.layer(3).keys.shape[2] == 4
+    assert not prefix.separate.layer(3).fully_visible  # the cls example has no separate prefix
+    assert prefix.joint.layer(1).keys.shape[2] == 3 and prefix.joint.layer(3).keys.shape[2] == 7
+    batch = inputs([0, 1, 1, 0])
+    with torch.no_grad():
+        mixed = model(batch)
+        for task, (logits, rows) in mixed.items():
+            torch.testing.assert_close(logits, model(batch.rows(rows))[task][0], atol=1e-5, rtol=0)
 
 
 def test_tasks_sharing_a_prefix_must_agree_on_its_layers():
@@ -157,7 +175,8 @@ def test_tasks_sharing_a_prefix_must_agree_on_its_layers():
 def test_a_layer_no_example_has_a_prefix_in_attends_as_the_plain_encoder():
     model = model_with(PrefixBankConfig(mode="per_task", prefix=flat(4, [1])))
     prefix = model.prefix_bank(torch.tensor([0, 1]))
-    assert prefix.layer(0) is None and prefix.layer(2) is None and prefix.layer(1).keys.shape[2] == 4
+    assert prefix.joint.layer(0) is None and prefix.joint.layer(2) is None and prefix.joint.layer(1).keys.shape[2] == 4
+    assert prefix.separate is None  # nothing is attended separately in this layout
 
 
 def test_padded_states_keep_each_input_at_the_front():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import DebertaV2Config, GPT2Config
@@ -10,7 +12,7 @@ from multitask.backbone import enable_activation_checkpointing, encoder_from_con
 from multitask.errors import ConfigError, UnsupportedModelError
 from multitask.heads import HEADS, HeadConfig
 from multitask.model import ModelInputs, MultiTaskModel
-from multitask.prefix.bank import PrefixKV, TaskPrefixRequest, plan_layout
+from multitask.prefix.bank import PrefixInputs, PrefixKV, TaskPrefixRequest, plan_layout
 from multitask.prefix.config import PrefixBankConfig, PrefixConfig
 from tests.tiny import tiny_encoder
 
@@ -19,21 +21,27 @@ MODES = ["shared", "per_task", "hybrid", "groups"]
 NUM_LAYERS, NUM_HEADS, HEAD_DIM = 2, 4, 8
 
 
+# prefix_attention "mixed": each task asks for its type's default (cls joint, ner and qa separate), so per_task and
+# hybrid batches hold prefixes attended both ways.
+MIXED = {"cls": "joint", "ner": "separate", "qa": "separate"}
+
+
 def build_model(kind="bert", mode="per_task", attention="sdpa", lengths=(4, 4, 4), reparameterize=True, dropout=0.0,
                 prefix_attention="joint"):
     encoder = tiny_encoder(kind, attention)
+    asked = MIXED if prefix_attention == "mixed" else {}
     requests = [
-        TaskPrefixRequest("cls", group="g1", length=lengths[0]),
-        TaskPrefixRequest("ner", group="g1" if mode != "groups" else "g2", length=lengths[1]),
-        TaskPrefixRequest("qa", group="g1", length=lengths[2]),
+        TaskPrefixRequest("cls", group="g1", length=lengths[0], attention=asked.get("cls")),
+        TaskPrefixRequest("ner", group="g1" if mode != "groups" else "g2", length=lengths[1], attention=asked.get("ner")),
+        TaskPrefixRequest("qa", group="g1", length=lengths[2], attention=asked.get("qa")),
     ]
     group_lengths = {}
     if mode == "groups":  # lengths come per group; tasks in one group must agree
-        requests = [TaskPrefixRequest(r.task, r.group) for r in requests]
+        requests = [replace(r, length=None) for r in requests]
         group_lengths = {"g1": lengths[0], "g2": lengths[1]}
     config = PrefixBankConfig(
         mode=mode, prefix=PrefixConfig(length=4, dropout=dropout, reparameterize=reparameterize, mlp_hidden_size=16),
-        shared_length=3, group_lengths=group_lengths, attention=prefix_attention,
+        shared_length=3, group_lengths=group_lengths, attention=None if prefix_attention == "mixed" else prefix_attention,
     )
     torch.manual_seed(1)
     heads = {
@@ -60,6 +68,8 @@ def batch(task_ids, length=9, seed=0, pad_rows=(1,)):
 
 
 def plain_hidden(encoder, inputs: ModelInputs, prefix_kv=None):
+    if isinstance(prefix_kv, PrefixKV):  # a bare set of keys/values: attended jointly with the tokens
+        prefix_kv = PrefixInputs(joint=prefix_kv)
     return encoder(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, prefix_kv=prefix_kv).last_hidden_state
 
 
@@ -121,7 +131,7 @@ def test_prefix_reaches_every_layer(kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("lengths", [(4, 4, 4), (2, 5, 0)])
-@pytest.mark.parametrize("prefix_attention", ["joint", "separate"])
+@pytest.mark.parametrize("prefix_attention", ["joint", "separate", "mixed"])
 def test_mixed_task_batch_matches_separate_batches(kind, mode, lengths, prefix_attention):
     model = build_model(kind, mode, lengths=lengths, prefix_attention=prefix_attention)
     mixed = batch([0, 1, 2, 1, 0, 2])
@@ -142,6 +152,45 @@ def test_modes_share_prefixes_as_declared():
     assert [bank.prefix_length(t) for t in ("cls", "ner", "qa")] == [5, 8, 4]
 
 
+def test_each_prefix_is_attended_as_its_tasks_ask():
+    attention = lambda mode: build_model("bert", mode, prefix_attention="mixed").prefix_bank.layout.attention  # noqa: E731
+    assert attention("per_task") == {"task_cls": "joint", "task_ner": "separate", "task_qa": "separate"}
+    # A prefix shared by tasks whose types' defaults disagree is attended jointly (P-Tuning v2's way).
+    assert attention("shared") == {"shared": "joint"}
+    assert attention("hybrid") == {"shared": "joint", "task_cls": "joint", "task_ner": "separate", "task_qa": "separate"}
+    assert attention("groups") == {"group_g1": "joint", "group_g2": "separate"}
+
+
+def test_tasks_sharing_a_prefix_that_choose_different_attention_is_an_error():
+    requests = [TaskPrefixRequest("a", attention="joint", attention_chosen=True),
+                TaskPrefixRequest("b", attention="separate", attention_chosen=True)]
+    with pytest.raises(ConfigError, match="prefix 'shared': its tasks ask for different attention"):
+        plan_layout(PrefixBankConfig(mode="shared"), requests)
+    # A choice wins over a type's default; the experiment's setting applies where a task asks nothing.
+    chosen = [replace(requests[0], attention_chosen=False), requests[1]]
+    assert plan_layout(PrefixBankConfig(mode="shared"), chosen).attention == {"shared": "separate"}
+    assert plan_layout(PrefixBankConfig(mode="per_task", attention="separate"),
+                       [TaskPrefixRequest("a")]).attention == {"task_a": "separate"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_joint_and_separate_prefixes_in_one_layer_add_up(kind):
+    # A hybrid ner task: its shared prefix joins the tokens' softmax, its own prefix adds a softmax of its own. The
+    # separate part adds the same thing whatever the joint part is: out(J, S) - out(J) == out(S) - out(nothing).
+    encoder = tiny_encoder(kind).eval()
+    hidden = torch.randn(2, 7, 32)
+    shape = (2, NUM_LAYERS, NUM_HEADS, 3, HEAD_DIM)
+    joint, separate = (PrefixKV(torch.randn(shape), torch.randn(shape), torch.ones(2, 3, dtype=torch.bool))
+                       for _ in range(2))
+    with torch.no_grad():
+        both = _one_layer_attention(encoder, hidden, PrefixInputs(joint, separate))
+        joint_only = _one_layer_attention(encoder, hidden, PrefixInputs(joint=joint))
+        separate_only = _one_layer_attention(encoder, hidden, PrefixInputs(separate=separate))
+        plain = _one_layer_attention(encoder, hidden, None)
+    torch.testing.assert_close(both - joint_only, separate_only - plain, atol=1e-5, rtol=1e-5)
+    assert (both - joint_only).abs().max() > 1e-3 and (joint_only - plain).abs().max() > 1e-3
+
+
 def test_group_members_asking_different_lengths_is_an_error():
     config = PrefixBankConfig(mode="groups")
     requests = [TaskPrefixRequest("a", group="g", length=2), TaskPrefixRequest("b", group="g", length=3)]
@@ -150,7 +199,7 @@ def test_group_members_asking_different_lengths_is_an_error():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("prefix_attention", ["joint", "separate"])
+@pytest.mark.parametrize("prefix_attention", ["joint", "separate", "mixed"])
 def test_eager_and_sdpa_agree(kind, prefix_attention):
     inputs = batch([0, 1, 2, 0])
     with torch.no_grad():
@@ -237,7 +286,7 @@ def test_eager_and_sdpa_agree_without_padding_on_mixed_prefix_lengths(kind):
     torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
 
 
-def _one_layer_attention(encoder, hidden, prefix: PrefixKV | None):
+def _one_layer_attention(encoder, hidden, prefix: PrefixInputs | None):
     """Layer 0's self-attention output for ``hidden`` (no padding), computed by the prefix-aware kernel."""
     layer = encoder.encoder.layer[0].attention.self
     return layer(hidden, attention_mask=None, prefix_kv=prefix)[0]
@@ -252,8 +301,8 @@ def test_separate_prefix_adds_its_own_softmax_to_the_tokens_attention(kind):
     keys, values = torch.randn(shape), torch.randn(shape)
     with torch.no_grad():
         plain = _one_layer_attention(encoder, hidden, None)
-        out = _one_layer_attention(encoder, hidden, PrefixKV(keys, values, torch.ones(2, 3, dtype=torch.bool),
-                                                             separate=True))
+        out = _one_layer_attention(encoder, hidden, PrefixInputs(separate=PrefixKV(
+            keys, values, torch.ones(2, 3, dtype=torch.bool))))
         attention = encoder.encoder.layer[0].attention.self
         query = attention.query(hidden).view(2, 7, NUM_HEADS, HEAD_DIM).transpose(1, 2)
         weights = torch.softmax(query @ keys[:, 0].transpose(-1, -2) * HEAD_DIM ** -0.5, dim=-1)
@@ -271,8 +320,8 @@ def test_separate_prefix_with_zero_values_leaves_the_encoder_unchanged(kind):
     keys, zeros, visible = torch.randn(shape) * 5, torch.zeros(shape), torch.ones(3, 5, dtype=torch.bool)
     with torch.no_grad():
         plain = plain_hidden(encoder, inputs)
-        separate = plain_hidden(encoder, inputs, PrefixKV(keys, zeros, visible, separate=True))
-        joint = plain_hidden(encoder, inputs, PrefixKV(keys, zeros, visible))
+        separate = plain_hidden(encoder, inputs, PrefixInputs(separate=PrefixKV(keys, zeros, visible)))
+        joint = plain_hidden(encoder, inputs, PrefixInputs(PrefixKV(keys, zeros, visible)))
     torch.testing.assert_close(separate, plain, atol=1e-6, rtol=0)
     assert (joint - plain).abs().max() > 1e-3
 
@@ -285,7 +334,7 @@ def test_separate_prefix_hidden_from_an_example_gives_it_the_plain_output(kind):
     visible = torch.tensor([[True] * 5, [False] * 5, [True, True, False, False, False]])
     with torch.no_grad():
         plain = plain_hidden(encoder, inputs)
-        out = plain_hidden(encoder, inputs, PrefixKV(torch.randn(shape), torch.randn(shape), visible, separate=True))
+        out = plain_hidden(encoder, inputs, PrefixInputs(separate=PrefixKV(torch.randn(shape), torch.randn(shape), visible)))
     torch.testing.assert_close(out[1], plain[1], atol=1e-6, rtol=0)
     assert (out[0] - plain[0]).abs().max() > 1e-3 and (out[2] - plain[2]).abs().max() > 1e-3
 

@@ -46,10 +46,13 @@ def _rebuild_model(meta: dict[str, Any], tasks: dict[str, TaskType], encoder) ->
     saved = meta["prefix_layout"]
     layout = None
     if saved["task_prefixes"]:
+        attention = saved.get("attention", "joint")  # runs before attention: separate were all joint
+        if isinstance(attention, str):  # runs before per-task attention: one setting for every prefix
+            attention = dict.fromkeys(saved["prefixes"], attention)
         layout = PrefixLayout(
             prefixes={name: PrefixConfig(**cfg) for name, cfg in saved["prefixes"].items()},
             task_prefixes={task: tuple(names) for task, names in saved["task_prefixes"].items()},
-            attention=saved.get("attention", "joint"),  # checkpoints before attention: separate were all joint
+            attention=attention,
         )
     return MultiTaskModel(encoder, heads, layout)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,8 +28,9 @@ FALLBACK = PrefixConfig(length=_DEFAULTS.prefix_length, reparameterize=_DEFAULTS
 
 @dataclass(frozen=True)
 class TaskPrefixRequest:
-    """What one task asks of the bank: an optional group, and its resolved length, reparameterisation and dropout
-    (see :mod:`multitask.tuning`); unset values fall back to the bank's default prefix settings."""
+    """What one task asks of the bank: an optional group, and its resolved length, reparameterisation, dropout and
+    attention (see :mod:`multitask.tuning`); unset values fall back to the bank's default prefix settings.
+    ``attention_chosen``: the attention was set by the task file or the experiment, not the task type's default."""
 
     task: str
     group: str | None = None
@@ -37,6 +38,8 @@ class TaskPrefixRequest:
     reparameterize: bool | None = None
     dropout: float | None = None
     layers: Any = None  # the task's own prefix's layers (PrefixConfig.layers); unset: the bank's default
+    attention: str | None = None
+    attention_chosen: bool = False
 
 
 def _same_layers(prefix: str, requests: list[TaskPrefixRequest]) -> Any:
@@ -46,6 +49,17 @@ def _same_layers(prefix: str, requests: list[TaskPrefixRequest]) -> Any:
         raise ConfigError(f"prefix {prefix!r}: its tasks ask for different layers ({', '.join(asked)}); give them "
                           f"the same prefix.layers")
     return next(iter(asked.values()), None)
+
+
+def _same_attention(prefix: str, requests: list[TaskPrefixRequest]) -> str:
+    """How the tasks sharing one prefix attend to it: as a task file or the experiment chose (they must agree),
+    else as their task types' default when those agree, else P-Tuning v2's joint attention."""
+    chosen = {r.attention for r in requests if r.attention is not None and r.attention_chosen}
+    if len(chosen) > 1:
+        raise ConfigError(f"prefix {prefix!r}: its tasks ask for different attention ({', '.join(sorted(chosen))}); "
+                          f"give them the same prefix.attention")
+    defaults = {r.attention for r in requests if r.attention is not None}
+    return (chosen or defaults).pop() if chosen or len(defaults) == 1 else "joint"
 
 
 def _settle(default: PrefixConfig, requests: list[TaskPrefixRequest], length: int | None = None,
@@ -65,16 +79,23 @@ def _settle(default: PrefixConfig, requests: list[TaskPrefixRequest], length: in
 
 @dataclass(frozen=True)
 class PrefixLayout:
-    """Resolved plan: the config of each named prefix, and the ordered prefix names of each task."""
+    """Resolved plan: the config of each named prefix, the ordered prefix names of each task, and how each prefix is
+    attended (joint or separate, ``PrefixBankConfig.attention``; a prefix not named there: joint)."""
 
     prefixes: dict[str, PrefixConfig]
     task_prefixes: dict[str, tuple[str, ...]]
-    attention: str = "joint"  # PrefixBankConfig.attention
+    attention: dict[str, str] = field(default_factory=dict)
+
+    def attention_of(self, prefix: str) -> str:
+        return self.attention.get(prefix, "joint")
 
 
 def plan_layout(config: PrefixBankConfig, requests: list[TaskPrefixRequest]) -> PrefixLayout:
     """Turn the prefix mode and the tasks' requests into named prefixes (shared/per_task/hybrid/groups)."""
     default = config.prefix
+    if config.attention is not None:  # the experiment's choice, for requests that carry none (direct library use)
+        requests = [r if r.attention is not None else replace(r, attention=config.attention, attention_chosen=True)
+                    for r in requests]
     prefixes: dict[str, PrefixConfig] = {}
     task_prefixes: dict[str, tuple[str, ...]] = {}
     for request in requests:
@@ -82,7 +103,8 @@ def plan_layout(config: PrefixBankConfig, requests: list[TaskPrefixRequest]) -> 
             raise ConfigError(f"task name {request.task!r}: expected letters, digits, '_' or '-'")
         own = f"task_{request.task}"
         if config.mode == "shared":
-            prefixes[SHARED] = _settle(default, requests, layers=config.shared_layers or _same_layers(SHARED, requests))
+            prefixes[SHARED] = _settle(default, requests,
+                                       layers=config.shared_layers or _same_layers(SHARED, requests))
             task_prefixes[request.task] = (SHARED,)
         elif config.mode == "per_task":
             prefixes[own] = _settle(default, [request], layers=request.layers)
@@ -101,25 +123,25 @@ def plan_layout(config: PrefixBankConfig, requests: list[TaskPrefixRequest]) -> 
             prefixes.setdefault(name, _settle(default, members, config.group_lengths.get(group),
                                               _same_layers(name, members)))
             task_prefixes[request.task] = (name,)
-    return PrefixLayout(prefixes, task_prefixes, config.attention)
+    attention = {name: _same_attention(name, [r for r in requests if name in task_prefixes[r.task]])
+                 for name in prefixes}
+    return PrefixLayout(prefixes, task_prefixes, attention)
 
 
 @dataclass
 class LayerPrefix:
     """One attention layer's prefix: keys/values ``(batch, heads, P, head_dim)``, mask ``(batch, P)`` (False where an
-    example's task has no prefix token at that position), whether every example sees every position, and whether
-    it is attended in a softmax of its own (``PrefixBankConfig.attention: separate``)."""
+    example's task has no prefix token at that position), and whether every example sees every position."""
 
     keys: torch.Tensor
     values: torch.Tensor
     mask: torch.Tensor
     fully_visible: bool
-    separate: bool = False
 
 
 @dataclass
 class PrefixKV:
-    """Per-example prefix keys/values for one forward pass, read by the prefix attention function.
+    """Per-example keys/values of the prefixes attended one way (joint or separate) in one forward pass.
 
     keys/values: ``(batch, num_layers, num_heads, P, head_dim)``; mask: ``(batch, P)`` or, when prefixes differ
     between layers, ``(batch, num_layers, P)``: False where an example's task has no prefix token there.
@@ -132,7 +154,6 @@ class PrefixKV:
     mask: torch.Tensor
     columns: list[list[int] | None] | None = None
     full: list[bool] | None = None  # per layer: every example sees every kept position
-    separate: bool = False  # attended in a softmax of its own (PrefixBankConfig.attention)
 
     def layer(self, index: int) -> LayerPrefix | None:
         mask = self.mask if self.mask.dim() == 2 else self.mask[:, index]
@@ -143,7 +164,19 @@ class PrefixKV:
                 return None
             keys, values, mask = keys[:, :, columns], values[:, :, columns], mask[:, columns]
         full = bool(mask.all()) if self.full is None else self.full[index]
-        return LayerPrefix(keys, values, mask, full, self.separate)
+        return LayerPrefix(keys, values, mask, full)
+
+
+@dataclass
+class PrefixInputs:
+    """What the prefix attention function reads in one forward pass: the prefixes attended in one softmax with the
+    real tokens (``joint``) and those attended in a softmax of their own (``separate``); either may be None."""
+
+    joint: PrefixKV | None = None
+    separate: PrefixKV | None = None
+
+    def layer(self, index: int) -> tuple[LayerPrefix | None, LayerPrefix | None]:
+        return tuple(None if kv is None else kv.layer(index) for kv in (self.joint, self.separate))
 
 
 class PrefixBank(nn.Module):
@@ -192,22 +225,27 @@ class PrefixBank(nn.Module):
                 return layer
         return self.num_layers
 
-    def _layer_positions(self, task: str) -> list[list[bool]]:
-        """Per layer, which of the task's concatenated prefix positions hold a token there."""
+    def _attended(self, task: str, attention: str) -> list[str]:
+        """The task's prefixes attended one way (joint or separate), in the task's order."""
+        return [name for name in self.layout.task_prefixes[task] if self.layout.attention_of(name) == attention]
+
+    def _layer_positions(self, task: str, attention: str) -> list[list[bool]]:
+        """Per layer, which of the task's concatenated prefix positions (those attended one way) hold a token there."""
         rows = [[] for _ in range(self.num_layers)]
-        for name in self.layout.task_prefixes[task]:
+        for name in self._attended(task, attention):
             encoder = self.encoders[name]
             for layer in range(self.num_layers):
                 rows[layer].extend([layer in encoder.layers] * encoder.length)
         return rows
 
-    def _depth_plan(self, tasks: tuple[str, ...], longest: int) -> tuple[torch.Tensor, list, list[bool]]:
+    def _depth_plan(self, tasks: tuple[str, ...], longest: int, attention: str) -> tuple[torch.Tensor, list, list[bool]]:
         """For prefixes that differ between layers: each task's visible positions per layer ``(tasks, layers, P)``,
         the positions each layer keeps (None: all of them), and whether every task sees all it keeps. It depends
         only on the layout and the tasks in the batch, so it is worked out once per set of tasks."""
-        key = (tasks, longest)
+        key = (tasks, longest, attention)
         if key not in self._plans:
-            visible = [[row + [False] * (longest - len(row)) for row in self._layer_positions(task)] for task in tasks]
+            visible = [[row + [False] * (longest - len(row)) for row in self._layer_positions(task, attention)]
+                       for task in tasks]
             columns, full = [], []
             for layer in range(self.num_layers):
                 kept = [p for p in range(longest) if any(v[layer][p] for v in visible)]
@@ -225,31 +263,38 @@ class PrefixBank(nn.Module):
         full[list(layers)] = kv
         return full
 
-    def forward(self, task_ids: torch.Tensor) -> PrefixKV | None:
+    def forward(self, task_ids: torch.Tensor) -> PrefixInputs | None:
         """Gather each example's prefix; every prefix encoder runs once per call, however many examples use it."""
         unique_ids = torch.unique(task_ids, sorted=True)
-        tasks = [self.task_names[i] for i in unique_ids.tolist()]
-        lengths = [self.prefix_length(task) for task in tasks]
-        longest = max(lengths)
-        if longest == 0:
+        tasks = tuple(self.task_names[i] for i in unique_ids.tolist())
+        if not any(self.prefix_length(task) for task in tasks):
             return None
         computed = {name: self._full_depth(name, self.encoders[name]())
                     for name in {n for t in tasks for n in self.layout.task_prefixes[t]}}
-        per_task = []
-        for task, length in zip(tasks, lengths):
-            parts = [computed[name] for name in self.layout.task_prefixes[task]]
-            kv = torch.cat(parts, dim=3)  # (layers, 2, heads, P_task, head_dim)
-            per_task.append(nn.functional.pad(kv, (0, 0, 0, longest - length)))
-        stacked = torch.stack(per_task)  # (tasks, layers, 2, heads, P, head_dim)
         position = torch.searchsorted(unique_ids, task_ids)
-        kv = self.dropout(stacked[position])
-        separate = self.layout.attention == "separate"
+        return PrefixInputs(*(self._assemble(tasks, position, computed, attention)
+                              for attention in ("joint", "separate")))
+
+    def _assemble(self, tasks: tuple[str, ...], position: torch.Tensor, computed: dict[str, torch.Tensor],
+                  attention: str) -> PrefixKV | None:
+        """Each example's prefixes attended one way, concatenated in its task's order and padded to the longest."""
+        names = [self._attended(task, attention) for task in tasks]
+        lengths = [sum(self.encoders[name].length for name in task_names) for task_names in names]
+        longest = max(lengths)
+        if longest == 0:
+            return None
+        template = next(iter(computed.values()))  # (layers, 2, heads, P, head_dim)
+        per_task = []
+        for task_names, length in zip(names, lengths):
+            parts = [computed[name] for name in task_names] or [template[:, :, :, :0]]
+            per_task.append(nn.functional.pad(torch.cat(parts, dim=3), (0, 0, 0, longest - length)))
+        kv = self.dropout(torch.stack(per_task)[position])  # (batch, layers, 2, heads, P, head_dim)
         if self.every_layer:
-            masks = torch.stack([torch.arange(longest, device=task_ids.device) < length for length in lengths])
-            return PrefixKV(keys=kv[:, :, 0], values=kv[:, :, 1], mask=masks[position], separate=separate)
-        masks, columns, full = self._depth_plan(tuple(tasks), longest)
-        return PrefixKV(keys=kv[:, :, 0], values=kv[:, :, 1], mask=masks.to(task_ids.device)[position],
-                        columns=columns, full=full, separate=separate)
+            masks = torch.stack([torch.arange(longest, device=position.device) < length for length in lengths])
+            return PrefixKV(keys=kv[:, :, 0], values=kv[:, :, 1], mask=masks[position])
+        masks, columns, full = self._depth_plan(tasks, longest, attention)
+        return PrefixKV(keys=kv[:, :, 0], values=kv[:, :, 1], mask=masks.to(position.device)[position],
+                        columns=columns, full=full)
 
     def fold(self) -> None:
         """Replace every reparameterised encoder by its flat equivalent (for saving and fast inference)."""

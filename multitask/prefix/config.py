@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from multitask.errors import ConfigError
 
+PrefixAttention = Literal["joint", "separate"]
+
 
 @dataclass
 class PrefixConfig:
@@ -118,13 +120,14 @@ class PrefixBankConfig:
         metadata={"help": "Prefixes that do not train (e.g. [shared] after init_from: a multi-task shared base with "
                   "task prefixes trained on top). Frozen prefixes are saved with the run."},
     )
-    attention: Literal["joint", "separate"] = field(
-        default="joint",
-        metadata={"help": "How the real tokens attend to the prefix. joint: one softmax over prefix and real keys "
+    attention: PrefixAttention | None = field(
+        default=None,
+        metadata={"help": "How the real tokens attend to the prefixes. joint: one softmax over prefix and real keys "
                   "(P-Tuning v2). separate: the prefix in a softmax of its own whose output is added to the "
                   "tokens' attention, so it takes no attention away from the real tokens; its values start at "
                   "zero, so training starts from the frozen encoder's own output (LLaMA-Adapter's zero-init "
-                  "attention). Better with a few hundred training examples (docs/tuning.md)."},
+                  "attention). Unset: each task type's default (separate for ner and qa, joint otherwise; "
+                  "docs/tuning.md); a task file's prefix.attention overrides it for that task."},
     )
 
     def __post_init__(self) -> None:

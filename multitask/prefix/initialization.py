@@ -100,7 +100,7 @@ def initialize_prefixes(
             extra = random_key_values(prefix.config, (*kv.shape[:3], prefix.length - kv.shape[3], kv.shape[4]),
                                       key_value_scale(reference))
             kv = torch.cat([kv, extra], dim=3)
-        if bank.layout.attention == "separate":  # zero values: the encoder's own output until the prefix learns
+        if bank.layout.attention_of(name) == "separate":  # zero values: the encoder's own output until the prefix learns
             kv = kv.clone()
             kv[:, 1] = 0.0
         prefix.set_initial(kv)

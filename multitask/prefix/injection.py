@@ -19,7 +19,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.bert.modeling_bert import eager_attention_forward
 
-from multitask.prefix.bank import LayerPrefix, PrefixKV
+from multitask.prefix.bank import LayerPrefix, PrefixInputs
 
 PREFIX_ATTENTION = {"sdpa": "multitask_prefix_sdpa", "eager": "multitask_prefix_eager"}
 
@@ -72,20 +72,21 @@ def _separate_prefix_attention(
 
 def _with_prefix(base: Callable, additive_mask: bool) -> Callable:
     def attention(
-        module, query, key, value, attention_mask, prefix_kv: PrefixKV | None = None,
+        module, query, key, value, attention_mask, prefix_kv: PrefixInputs | None = None,
         kv_sink: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, **kwargs,
     ):
         if kv_sink is not None:  # the layer's own keys/values of real tokens (prefix initialisation reads them)
             kv_sink[module.layer_idx] = (key.detach(), value.detach())
-        prefix = prefix_kv.layer(module.layer_idx) if prefix_kv is not None else None
-        if prefix is not None and prefix.separate:
-            output, weights = base(module, query, key, value, attention_mask, **kwargs)
-            return output + _separate_prefix_attention(module, query, prefix, **kwargs), weights
-        if prefix is not None:  # None: no task of the batch has a prefix in this layer
-            key = torch.cat([prefix.keys.to(key.dtype), key], dim=2)
-            value = torch.cat([prefix.values.to(value.dtype), value], dim=2)
-            attention_mask = _widen_mask(attention_mask, prefix, query, additive_mask)
-        return base(module, query, key, value, attention_mask, **kwargs)
+        # None: no task of the batch has a prefix attended that way in this layer
+        joint, separate = prefix_kv.layer(module.layer_idx) if prefix_kv is not None else (None, None)
+        if joint is not None:
+            key = torch.cat([joint.keys.to(key.dtype), key], dim=2)
+            value = torch.cat([joint.values.to(value.dtype), value], dim=2)
+            attention_mask = _widen_mask(attention_mask, joint, query, additive_mask)
+        output, weights = base(module, query, key, value, attention_mask, **kwargs)
+        if separate is not None:
+            output = output + _separate_prefix_attention(module, query, separate, **kwargs)
+        return output, weights
 
     return attention
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from multitask.heads.base import HeadConfig
-from multitask.prefix.config import check_layers
+from multitask.prefix.config import PrefixAttention, check_layers
 
 
 @dataclass
@@ -105,6 +105,10 @@ class TaskPrefixSettings:
     reparameterize: bool | None = field(default=None, metadata={"help": "MLP reparameterisation (default: the type's)."})
     dropout: float | None = field(default=None, metadata={"help": "Prefix dropout (default: the type's)."})
     lr: float | None = field(default=None, metadata={"help": "Learning rate of this task's prefix (default: the type's)."})
+    attention: PrefixAttention | None = field(
+        default=None, metadata={"help": "joint or separate attention to this task's prefix (default: the type's; "
+                                        "see the experiment's prefix.attention)."}
+    )
     layers: Literal["all"] | dict[str, int] | list[int] | None = field(
         default=None, metadata={"help": "Layers of this task's own prefix: all, {top: k}, {bottom: k} or indices "
                                         "(default: the experiment's prefix.layers)."}

@@ -16,6 +16,7 @@ from multitask.data.tag_schemes import split_tag, to_iob2
 from multitask.errors import ConfigError, DataError
 from multitask.metrics import MetricResult, ner_metrics
 from multitask.tasks.base import TASK_TYPES, Feature, TaskType
+from multitask.tuning import TuningDefaults
 
 IGNORE_INDEX = -100  # target of special tokens and non-first subwords; cross-entropy skips it
 
@@ -105,6 +106,8 @@ class NerTask(TaskType):
         ]
     }
     head_kind = "token"
+    # Separate attention to the prefix: ahead of joint on every measured ner/qa run (docs/tuning.md).
+    tuning_defaults = TuningDefaults(prefix_attention="separate")
     required_fields = ("tokens", "tags")
     optional_fields = ("id",)
     metric_names = ("f1", "precision", "recall", "accuracy")

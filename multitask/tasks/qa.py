@@ -14,6 +14,7 @@ from multitask.data.records import Record
 from multitask.errors import ConfigError, DataError
 from multitask.metrics import MetricResult, squad_metrics
 from multitask.tasks.base import TASK_TYPES, Feature, TaskType
+from multitask.tuning import TuningDefaults
 from multitask.tasks.config import TaskConfig
 
 CharSpan = tuple[int, int]
@@ -140,6 +141,8 @@ class QATask(TaskType):
         "properties": {"question": {"type": "string"}, "context": {"type": "string"}, "id": {"type": "string"}},
     }
     head_kind = "span"
+    # Separate attention to the prefix: ahead of joint on every measured ner/qa run (docs/tuning.md).
+    tuning_defaults = TuningDefaults(prefix_attention="separate")
     required_fields = ("question", "context")
     optional_fields = ("answers", "id", "title")
     metric_names = ("f1", "exact_match")

@@ -51,7 +51,7 @@ def _folded_state(model: MultiTaskModel) -> tuple[dict[str, torch.Tensor], dict[
             state[f"prefix_bank.encoders.{name}.embedding"] = folded.embedding.detach().cpu().contiguous()
             layout["prefixes"][name] = asdict(folded.config)
         layout["task_prefixes"] = {t: list(p) for t, p in model.prefix_bank.layout.task_prefixes.items()}
-        layout["attention"] = model.prefix_bank.layout.attention
+        layout["attention"] = dict(model.prefix_bank.layout.attention)
     # Encoder weights only when they were trained (LoRA branches, or everything under full fine-tuning).
     state.update({f"encoder.{k}": p.detach().cpu().contiguous()
                   for k, p in model.encoder.named_parameters() if p.requires_grad})

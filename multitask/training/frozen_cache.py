@@ -155,7 +155,7 @@ def frozen_prefix_hash(model: MultiTaskModel, task: str, boundary: int) -> str:
             encoder = model.prefix_bank.encoders[name]
             lower = [i for i, layer in enumerate(encoder.layers) if layer < boundary]
             if lower and encoder.length:
-                digest.update(name.encode())
+                digest.update(f"{name}:{model.prefix_bank.layout.attention_of(name)}".encode())
                 digest.update(encoder()[lower].detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:32]
 
