@@ -107,13 +107,15 @@ def build_heads(tasks: list[TaskType], hidden_size: int) -> dict[str, torch.nn.M
     return {t.config.name: HEADS.get(t.head_kind)(t.config.head, hidden_size, t.num_outputs) for t in tasks}
 
 
+def prefix_request(task: TaskType, tuning: TaskTuning) -> TaskPrefixRequest:
+    """What one task asks of the prefix bank, from its resolved settings."""
+    chosen = tuning.sources["prefix_attention"] in ("task file", "experiment")  # not just the type's default
+    return TaskPrefixRequest(task.config.name, task.config.prefix.group, tuning.prefix_length, tuning.reparameterize,
+                             tuning.prefix_dropout, task.config.prefix.layers, tuning.prefix_attention, chosen)
+
+
 def prefix_requests(tasks: list[TaskType], tunings: dict[str, TaskTuning]) -> list[TaskPrefixRequest]:
-    return [
-        TaskPrefixRequest(t.config.name, t.config.prefix.group, tuning.prefix_length, tuning.reparameterize,
-                          tuning.prefix_dropout, t.config.prefix.layers, tuning.prefix_attention,
-                          attention_chosen=tuning.sources["prefix_attention"] in ("task file", "experiment"))
-        for t in tasks for tuning in [tunings[t.config.name]]
-    ]
+    return [prefix_request(task, tunings[task.config.name]) for task in tasks]
 
 
 def build_model(

@@ -106,7 +106,7 @@ class NerTask(TaskType):
         ]
     }
     head_kind = "token"
-    # Separate attention to the prefix: ahead of joint on every measured ner/qa run (docs/tuning.md).
+    # Separate attention to the prefix: ahead of joint on every measured all-layer ner/qa run (docs/tuning.md).
     tuning_defaults = TuningDefaults(prefix_attention="separate")
     required_fields = ("tokens", "tags")
     optional_fields = ("id",)

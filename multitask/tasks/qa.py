@@ -141,7 +141,7 @@ class QATask(TaskType):
         "properties": {"question": {"type": "string"}, "context": {"type": "string"}, "id": {"type": "string"}},
     }
     head_kind = "span"
-    # Separate attention to the prefix: ahead of joint on every measured ner/qa run (docs/tuning.md).
+    # Separate attention to the prefix: ahead of joint on every measured all-layer ner/qa run (docs/tuning.md).
     tuning_defaults = TuningDefaults(prefix_attention="separate")
     required_fields = ("question", "context")
     optional_fields = ("answers", "id", "title")
