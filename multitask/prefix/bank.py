@@ -59,7 +59,7 @@ def _same_attention(prefix: str, requests: list[TaskPrefixRequest]) -> str:
         raise ConfigError(f"prefix {prefix!r}: its tasks ask for different attention ({', '.join(sorted(chosen))}); "
                           f"give them the same prefix.attention")
     defaults = {r.attention for r in requests if r.attention is not None}
-    return (chosen or defaults).pop() if chosen or len(defaults) == 1 else "joint"
+    return (chosen or defaults).pop() if chosen or len(defaults) == 1 else _DEFAULTS.prefix_attention
 
 
 def _settle(default: PrefixConfig, requests: list[TaskPrefixRequest], length: int | None = None,
@@ -87,7 +87,7 @@ class PrefixLayout:
     attention: dict[str, str] = field(default_factory=dict)
 
     def attention_of(self, prefix: str) -> str:
-        return self.attention.get(prefix, "joint")
+        return self.attention.get(prefix, _DEFAULTS.prefix_attention)
 
 
 def plan_layout(config: PrefixBankConfig, requests: list[TaskPrefixRequest]) -> PrefixLayout:
