@@ -1,4 +1,4 @@
-"""Command line: multitask train | evaluate | predict | serve | validate | compare | types."""
+"""Command line: multitask train | evaluate | predict | serve | validate | compare | tasks | remove | types."""
 
 from __future__ import annotations
 
@@ -159,6 +159,26 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"comparison written to {output_dir} (comparison.json, comparison.md, comparison.png, runs/)")
 
 
+def cmd_tasks(args: argparse.Namespace) -> None:
+    from multitask.training.checkpoint import read_checkpoint
+    from multitask.training.grow import task_rows
+
+    meta, _ = read_checkpoint(Path(args.run_dir))
+    rows = task_rows(meta)
+    width = max(len(row["task"]) for row in rows)
+    for row in rows:
+        print(f"{row['task']:<{width}}  {row['type']:<14} {row['labels']:>4} labels  "
+              f"{'; '.join(row['prefixes']) or '-'}  [{row['origin']}]")
+
+
+def cmd_remove(args: argparse.Namespace) -> None:
+    from multitask.training.grow import remove_task
+
+    _setup_logging()
+    written = remove_task(Path(args.run_dir), args.task, Path(args.output_dir))
+    print(f"model without {args.task} written to {written.parent}")
+
+
 def cmd_types(args: argparse.Namespace) -> None:
     from multitask.tasks import TASK_TYPES
 
@@ -236,6 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--in-process", action="store_true",
                          help="train every method in this process (peak memory is then not per method)")
     compare.set_defaults(func=cmd_compare)
+
+    tasks = sub.add_parser("tasks", help="list the tasks of a trained run (and which came from its base)")
+    tasks.add_argument("run_dir")
+    tasks.set_defaults(func=cmd_tasks)
+
+    remove = sub.add_parser("remove", help="write a trained run without one of its tasks (the others unchanged)")
+    remove.add_argument("run_dir")
+    remove.add_argument("task")
+    remove.add_argument("--output-dir", required=True, help="where the smaller run is written (a new folder)")
+    remove.set_defaults(func=cmd_remove)
 
     types = sub.add_parser("types", help="list the registered task types")
     types.set_defaults(func=cmd_types)

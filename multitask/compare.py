@@ -21,6 +21,7 @@ from multitask.experiment import ExperimentConfig
 from multitask.registry import Registry
 from multitask.reporting import load_report
 from multitask.runtime import resolve_task_file
+from multitask.training.grow import resolve_base_dir
 from multitask.utils.atomic import write_json, write_text
 
 Strategy = Callable[[ExperimentConfig], list[tuple[str, ExperimentConfig]]]
@@ -28,8 +29,10 @@ METHODS: Registry[Strategy] = Registry("comparison method")
 
 
 def _with(experiment: ExperimentConfig, method: str, mode: str | None = None) -> ExperimentConfig:
+    """The experiment under another method (and prefix mode), trained from scratch: only prefix_transfer grows
+    the experiment's base run."""
     prefix = experiment.prefix if mode is None else dataclasses.replace(experiment.prefix, mode=mode)
-    return dataclasses.replace(experiment, method=method, prefix=prefix)
+    return dataclasses.replace(experiment, method=method, prefix=prefix, base=None)
 
 
 METHODS.register("prefix_shared", lambda e: [("prefix_shared", _with(e, "prefix", "shared"))])
@@ -57,7 +60,7 @@ def _top_k(experiment: ExperimentConfig, k: int) -> ExperimentConfig:
                                  prefix=dataclasses.replace(experiment.prefix.prefix, layers={"top": k}))
     cache = dataclasses.replace(experiment.optimization.frozen_cache, enabled=True)
     optimization = dataclasses.replace(experiment.optimization, frozen_cache=cache)
-    return dataclasses.replace(experiment, method="prefix", prefix=prefix, optimization=optimization)
+    return dataclasses.replace(experiment, method="prefix", prefix=prefix, optimization=optimization, base=None)
 
 
 def _shared_then_top_k(experiment: ExperimentConfig, k: int, method: str) -> list[tuple[str, ExperimentConfig]]:
@@ -76,6 +79,17 @@ for _k in (1, 2, 3):
     METHODS.register(f"prefix_top{_k}", lambda e, k=_k: [(f"prefix_top{k}", _top_k(e, k))])
     METHODS.register(f"prefix_shared_then_top{_k}",
                      lambda e, k=_k: _shared_then_top_k(e, k, f"prefix_shared_then_top{k}"))
+def _transfer(experiment: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
+    """Grow the experiment's ``base`` run by its tasks, each new prefix started from the base's prefixes (auto,
+    unless the experiment names a source): the other methods train the same tasks without the base."""
+    if experiment.base is None:
+        raise ConfigError("method prefix_transfer grows a trained run: set base: <run dir> in the experiment")
+    transfer = experiment.prefix.transfer if experiment.prefix.transfer != "none" else "auto"
+    return [("prefix_transfer", dataclasses.replace(_with(experiment, "prefix"), base=experiment.base, prefix=(
+        dataclasses.replace(experiment.prefix, mode="per_task", transfer=transfer))))]
+
+
+METHODS.register("prefix_transfer", _transfer)
 METHODS.register("lora", lambda e: [("lora", _with(e, "lora"))])
 METHODS.register("full_ft", lambda e: [("full_ft", _with(e, "full_ft"))])
 METHODS.register("linear_probe", lambda e: [("linear_probe", _with(e, "linear_probe"))])
@@ -115,7 +129,8 @@ def method_experiment(base: ExperimentConfig, method: str, config_path: Path | N
     from multitask.tasks.loading import deep_merge
 
     resolved_tasks = [dataclasses.replace(t, file=str(resolve_task_file(t, config_path).resolve())) for t in base.tasks]
-    base = dataclasses.replace(base, tasks=resolved_tasks)
+    grown = str(resolve_base_dir(base.base, config_path).resolve()) if base.base else None
+    base = dataclasses.replace(base, tasks=resolved_tasks, base=grown)
     runs = []
     for label, experiment in METHODS.get(method)(base):
         overrides = base.method_overrides.get(method, {})

@@ -186,9 +186,16 @@ METHODS = ("prefix", "lora", "linear_probe", "full_ft")
 @dataclass
 class ExperimentConfig:
     name: str = field(metadata={"help": "Run name."})
-    tasks: list[TaskEntry] = field(metadata={"help": "Task files in this experiment."})
+    tasks: list[TaskEntry] = field(metadata={"help": "Task files in this experiment (with base: the new tasks)."})
     optimization: OptimizationConfig = field(metadata={"help": "Optimisation settings."})
     encoder: EncoderConfig = field(default_factory=EncoderConfig, metadata={"help": "The frozen encoder."})
+    base: str | None = field(
+        default=None,
+        metadata={"help": "A trained run to grow (its folder; relative to the working directory, else to this "
+                  "config's folder). Only the new tasks' prefixes and heads train, on the base's encoder; the base's "
+                  "prefixes and heads stay exactly as they are, and the run written holds every task of both. "
+                  "prefix.transfer sets how the new prefixes start."},
+    )
     prefix: PrefixBankConfig = field(default_factory=PrefixBankConfig, metadata={"help": "Prefix mode and settings."})
     method: Literal["prefix", "lora", "linear_probe", "full_ft"] = field(
         default="prefix",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -130,6 +131,31 @@ class PrefixBankConfig:
                   "docs/tuning.md); a task file's prefix.attention overrides it for that task."},
     )
 
+    transfer: str = field(
+        default="none",
+        metadata={"help": "With base (growing a model): how each new task's own prefix starts. none: as a new "
+                  "prefix does (init); a prefix name of the base (task_conll2003, shared, group_x): its trained "
+                  "keys/values, fitted to the new prefix's length and layers; auto: every base prefix and none are "
+                  "each trained for transfer_steps on most of the task's training data and scored by loss on the "
+                  "rest of it, and the lowest loss wins (never the validation split). A task file's "
+                  "prefix.transfer overrides it for that task."},
+    )
+    transfer_steps: int = field(
+        default=20, metadata={"help": "transfer: auto: optimiser steps each candidate trains before it is scored."}
+    )
+
     def __post_init__(self) -> None:
         if self.shared_layers is not None:
             check_layers(self.shared_layers)
+        check_transfer(self.transfer)
+        if self.transfer_steps < 1:
+            raise ValueError(f"transfer_steps must be >= 1, got {self.transfer_steps}")
+
+
+TRANSFER_CHOICES = ("none", "auto")
+
+
+def check_transfer(value: str) -> None:
+    """What can be checked without the base run: a choice or a prefix name of the bank's form."""
+    if value not in TRANSFER_CHOICES and not re.match(r"^[A-Za-z0-9_\-]+$", value):
+        raise ValueError(f"transfer: expected none, auto or a prefix name of the base run, got {value!r}")

@@ -76,18 +76,21 @@ def initial_key_values(prefix: PrefixEncoder, reference: torch.Tensor, words: li
 
 
 def initialize_prefixes(
-    bank: PrefixBank, encoder: torch.nn.Module, tokenizer, task_sequences: dict[str, Sequence[Sequence[int]]]
+    bank: PrefixBank, encoder: torch.nn.Module, tokenizer, task_sequences: dict[str, Sequence[Sequence[int]]],
+    names: Iterable[str] | None = None,
 ) -> dict[str, float]:
-    """Set every prefix of ``bank`` to its configured initialisation, measured on this encoder.
+    """Set every prefix of ``bank`` (or only those ``names``: a grown model's new ones) to its configured
+    initialisation, measured on this encoder.
 
     ``task_sequences``: token ids of each task's training inputs (the frequent-token pool of a prefix is drawn from
     the tasks that use it). Returns the mean pairwise cosine similarity of each prefix's initial virtual tokens.
     """
     special = set(tokenizer.all_special_ids)
     ids = (tokenizer.cls_token_id, tokenizer.sep_token_id)
+    chosen = set(bank.encoders if names is None else names)
     similarity = {}
     for name, prefix in bank.encoders.items():
-        if prefix.length == 0:
+        if prefix.length == 0 or name not in chosen:
             continue
         users = [task for task, names in bank.layout.task_prefixes.items() if name in names]
         sequences = [seq for task in users for seq in task_sequences.get(task, [])]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from multitask.heads.base import HeadConfig
-from multitask.prefix.config import PrefixAttention, check_layers
+from multitask.prefix.config import PrefixAttention, check_layers, check_transfer
 
 
 @dataclass
@@ -114,9 +114,16 @@ class TaskPrefixSettings:
                                         "(default: the experiment's prefix.layers)."}
     )
 
+    transfer: str | None = field(
+        default=None, metadata={"help": "Growing a model: how this task's prefix starts (none, auto or a base prefix "
+                                        "name; default: the experiment's prefix.transfer)."}
+    )
+
     def __post_init__(self) -> None:
         if self.layers is not None:
             check_layers(self.layers)
+        if self.transfer is not None:
+            check_transfer(self.transfer)
 
 
 @dataclass

@@ -15,8 +15,8 @@ execute what it holds.
 from __future__ import annotations
 
 import hashlib
-import json
 import pickle
+import re
 import shutil
 import zipfile
 from dataclasses import asdict, is_dataclass
@@ -30,10 +30,12 @@ from multitask.errors import CheckpointError
 from multitask.utils import faults
 from multitask.model import MultiTaskModel
 from multitask.utils.atomic import atomic_path, write_json, write_text
+from multitask.utils.readback import read_json_file, read_text_file, require_shape
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = Path("state") / "training_state.pt"
 FORMAT_VERSION = 1
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def trainable_state(model: MultiTaskModel) -> dict[str, torch.Tensor]:
@@ -59,6 +61,12 @@ def _folded_state(model: MultiTaskModel) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def save_checkpoint(run_dir: Path, model: MultiTaskModel, meta: dict[str, Any]) -> Path:
+    """The model's prefixes (folded) and heads, with ``meta`` and the prefix layout (see :func:`write_checkpoint`)."""
+    state, layout = _folded_state(model)
+    return write_checkpoint(run_dir, state, {**meta, "prefix_layout": layout})
+
+
+def write_checkpoint(run_dir: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write checkpoint/ beside the old one, then swap directories, so a crash leaves one complete checkpoint."""
     final = run_dir / CHECKPOINT
     staging = run_dir / f".{CHECKPOINT}.new"
@@ -67,9 +75,8 @@ def save_checkpoint(run_dir: Path, model: MultiTaskModel, meta: dict[str, Any]) 
         previous.rename(final)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    state, layout = _folded_state(model)
     save_file(state, str(staging / "model.safetensors"))
-    write_json(staging / "meta.json", {**meta, "format_version": FORMAT_VERSION, "prefix_layout": layout,
+    write_json(staging / "meta.json", {**meta, "format_version": FORMAT_VERSION,
                                        "model_sha256": file_sha256(staging / "model.safetensors")})
     shutil.rmtree(previous, ignore_errors=True)
     if final.exists():
@@ -88,12 +95,29 @@ def checkpoint_dir(run_dir: Path) -> Path:
     raise CheckpointError(f"{run_dir}: no checkpoint found (expected {run_dir / CHECKPOINT}/meta.json)")
 
 
+# What every reader of meta.json indexes (loading a run, serving it, prefix.init_from), checked once on reading.
+META_SHAPE = {
+    "encoder": {"name": str, "fingerprint": str}, "method": str, "experiment": dict,
+    "tasks": [{"config": dict, "labels": list}],
+    "prefix_layout": {"prefixes": {str: dict}, "task_prefixes": {str: list}},
+}
+META_HINT = "restore the run from a copy, or retrain it"
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    """``directory``/meta.json, in the shape META_SHAPE gives; a CheckpointError naming it (one line) if not."""
+    path = directory / "meta.json"
+    meta = read_json_file(path, "checkpoint metadata", hint=META_HINT)
+    require_shape(meta, META_SHAPE, str(path), "checkpoint metadata", hint=META_HINT)
+    # Checkpoints written before checksums have none.
+    require_shape(meta.get("model_sha256", ""), str, str(path), "checkpoint metadata", hint=META_HINT,
+                  where="model_sha256")
+    return meta
+
+
 def read_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     directory = checkpoint_dir(run_dir)
-    try:
-        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{directory / 'meta.json'}: unreadable ({error})") from None
+    meta = read_meta(directory)
     weights = directory / "model.safetensors"
     expected = meta.get("model_sha256")  # checkpoints written before checksums have none
     if expected is not None and file_sha256(weights) != expected:
@@ -117,6 +141,17 @@ def _checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def _read_checksums(path: Path) -> list[str]:
+    """The SHA-256 checksums listed in ``path``; a CheckpointError naming it when it is damaged."""
+    what, hint = "training-state checksums", "start the run afresh without --resume, or delete it to resume unchecked"
+    checksums = read_text_file(path, what, hint=hint).split()
+    bad = next((number for number, value in enumerate(checksums, 1) if not SHA256.fullmatch(value)), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: unreadable {what}: entry {bad} is not a SHA-256 checksum (64 hex digits); "
+                              f"{hint}")
+    return checksums
+
+
 def save_training_state(run_dir: Path, state: dict[str, Any]) -> None:
     """Write the state as plain data (tensors, numbers, strings, lists, tuples, dicts), which ``weights_only``
     loading accepts: a dataclass value (the trainer's history) is saved as the dict of its fields."""
@@ -129,7 +164,10 @@ def save_training_state(run_dir: Path, state: dict[str, Any]) -> None:
         checksum = file_sha256(tmp)
         # While the new state replaces the old one, both checksums are valid: a kill at any moment leaves the
         # state file matching one of them.
-        previous = checksums.read_text(encoding="utf-8").split() if checksums.exists() else []
+        try:
+            previous = _read_checksums(checksums) if checksums.exists() else []
+        except CheckpointError:  # damaged, and about to be replaced: no checksum in it can vouch for a state
+            previous = []
         write_text(checksums, "\n".join([*previous, checksum]) + "\n")
     write_text(checksums, checksum + "\n")
 
@@ -141,7 +179,7 @@ def load_training_state(run_dir: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     checksums = _checksum_path(path)
-    if checksums.exists() and file_sha256(path) not in checksums.read_text(encoding="utf-8").split():
+    if checksums.exists() and file_sha256(path) not in _read_checksums(checksums):
         raise CheckpointError(f"{path}: corrupt or truncated (its checksum differs from {checksums.name}); the run "
                               f"cannot resume from it: start it afresh without --resume")
     try:

@@ -37,11 +37,14 @@ from multitask.training.checkpoint import (
     load_training_state, save_checkpoint, save_training_state, trainable_state,
 )
 from multitask.training.frozen_cache import FrozenLayerCache, evaluating
+from multitask.training.grow import build_grown_model, check_new_tasks, grown_tasks_meta, load_base, new_prefix_name
+from multitask.training.prefix_transfer import score_candidates, start_prefix
 from multitask.training.optim import ProgressSchedule, build_optimizer
 from multitask.training.rng import restore_rng_state, rng_state, seed_everything
 from multitask.training.sampler import make_sampler
 from multitask.utils.memory import rss_bytes
 from multitask.utils.atomic import ensure_writable, remove_stale_temporaries, write_json, write_jsonl
+from multitask.utils.readback import read_json_file
 from multitask.tuning import log_tuning, resolve_tuning, run_warmup_ratio
 
 log = logging.getLogger(__name__)
@@ -157,22 +160,35 @@ class Trainer:
                 raise ConfigError(f"task {runtime.name!r} has no training data")
         self.tunings = resolve_tuning(experiment, [t.task for t in self.tasks])
         log_tuning(self.tunings)
-        encoder = encoder if encoder is not None else load_encoder(
-            experiment.encoder.name, experiment.encoder.attention,
-            with_pooler=any(t.task.config.head.pooling == "pooler" for t in self.tasks))
-        self.encoder_identity = {"name": experiment.encoder.name, "fingerprint": encoder_fingerprint(encoder)}
-        seed_everything(experiment.seed)
-        self.model: MultiTaskModel = build_model(experiment, [t.task for t in self.tasks], encoder,
-                                                 self.tunings).to(self.device)
+        self.base = load_base(experiment, config_path, encoder) if experiment.base else None
+        if self.base is not None:
+            check_new_tasks(self.base, [t.task for t in self.tasks], str(config_path or "<config>"))
+            self._check_base_unchanged(saved)
+            self.encoder_identity = dict(self.base.meta["encoder"])
+            seed_everything(experiment.seed)
+            self.model: MultiTaskModel = build_grown_model(self.base, experiment, [t.task for t in self.tasks],
+                                                           self.tunings).to(self.device)
+        else:
+            encoder = encoder if encoder is not None else load_encoder(
+                experiment.encoder.name, experiment.encoder.attention,
+                with_pooler=any(t.task.config.head.pooling == "pooler" for t in self.tasks))
+            self.encoder_identity = {"name": experiment.encoder.name, "fingerprint": encoder_fingerprint(encoder)}
+            seed_everything(experiment.seed)
+            self.model = build_model(experiment, [t.task for t in self.tasks], encoder, self.tunings).to(self.device)
+        self.precision, self.precision_reason = resolve_precision(experiment.precision, self.device)
+        self.pad_id = self.tokenizer.pad_token_id or 0
         self.prefix_similarity: dict[str, float] = {}
+        self.transfers: dict[str, dict[str, Any]] = saved.get("transfers", {}) if saved else {}
         if self.model.prefix_bank is not None and saved is None:  # a resumed run's saved prefixes replace it
             sequences = {t.name: [f.input_ids for f in t.features["train"][:INIT_SAMPLE_FEATURES]] for t in self.tasks}
+            new_prefixes = None if self.base is None else [new_prefix_name(t.name) for t in self.tasks]
             self.prefix_similarity = initialize_prefixes(self.model.prefix_bank, self.model.encoder, self.tokenizer,
-                                                         sequences)
+                                                         sequences, new_prefixes)
+            if self.base is not None:
+                self.transfers = self._start_new_prefixes()
         if experiment.prefix.init_from and saved is None:
             init_from_run(self.model, experiment.prefix.init_from, self.encoder_identity["fingerprint"])
         freeze_prefixes(self.model, experiment.prefix.freeze)
-        self.precision, self.precision_reason = resolve_precision(experiment.precision, self.device)
         log.info("precision %s (%s)", self.precision, self.precision_reason)
         if experiment.encoder.gradient_checkpointing:
             enable_activation_checkpointing(self.model.encoder)
@@ -210,12 +226,37 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history, self.elapsed, self.examples_seen = History(), 0.0, 0
         self.train_seconds, self.evaluation_seconds = 0.0, 0.0
-        self.pad_id = self.tokenizer.pad_token_id or 0
         self.engine = InferenceEngine(self.model, self.tokenizer, {t.name: t.task for t in self.tasks}, self.device,
                                       self.precision, experiment.evaluation.batch_size, progress=progress)
         if saved is not None:
             self._restore(saved)
         self.preparation_seconds = time.perf_counter() - preparation_started
+
+    # ------------------------------------------------------------------ growing a base run
+    def _check_base_unchanged(self, saved: dict[str, Any] | None) -> None:
+        """A resumed grown run continues on the very base it started from (its frozen half is read from there)."""
+        started_on = (saved or {}).get("base_checkpoint_sha256")
+        now = self.base.meta.get("model_sha256")
+        if started_on is not None and started_on != now:
+            raise CheckpointError(f"{self.run_dir}: its base {self.base.run_dir} changed since the run started "
+                                  f"(checkpoint checksum {now}, was {started_on}); start the run afresh")
+
+    def _start_new_prefixes(self) -> dict[str, dict[str, Any]]:
+        """Each new task's prefix starts as prefix.transfer says (the task file's setting first)."""
+        choices = {}
+        for runtime in self.tasks:
+            setting = runtime.task.config.prefix.transfer or self.experiment.prefix.transfer
+            tuning = self.tunings[runtime.name]
+
+            def scorer(starts, runtime=runtime, tuning=tuning):
+                return score_candidates(self.model, runtime, new_prefix_name(runtime.name), starts,
+                                        (tuning.prefix_lr, tuning.head_lr), self.experiment.prefix.transfer_steps,
+                                        self.device, self.precision, self.pad_id, self.experiment.seed)
+
+            choice = start_prefix(self.model, runtime, new_prefix_name(runtime.name), setting,
+                                  self.base.prefix_names, scorer)
+            choices[runtime.name] = choice.describe()
+        return choices
 
     def _make_frozen_cache(self) -> FrozenLayerCache | None:
         settings = self.experiment.optimization.frozen_cache
@@ -259,7 +300,7 @@ class Trainer:
         resolved = to_dict(self.experiment)
         saved = self.run_dir / "config.json"
         if self.resume and saved.exists():
-            previous = json.loads(saved.read_text(encoding="utf-8"))
+            previous = read_json_file(saved, "run config", hint="restore it, or start afresh in another --output-dir")
             current = json.loads(json.dumps(resolved))  # as it would read back from config.json
             if previous != current:
                 changed = differing_keys(previous, current)
@@ -286,6 +327,8 @@ class Trainer:
             "prefix_init_cosine": self.prefix_similarity,
             "balancer": self.balancer.state_dict() if self.balancer is not None else None,
             "average": self.average.state_dict() if self.average is not None else None,
+            "transfers": self.transfers,
+            "base_checkpoint_sha256": self.base.meta.get("model_sha256") if self.base is not None else None,
         }
 
     def wall_time(self) -> float:
@@ -328,14 +371,18 @@ class Trainer:
             restore_rng_state(states[distributed.rank()])
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {
+        tasks = [{"config": to_dict(t.task.config), "labels": t.task.labels} for t in self.tasks]
+        meta = {
             "encoder": self.encoder_identity,
             "method": self.experiment.method,
             "experiment": to_dict(self.experiment),
-            "tasks": [{"config": to_dict(t.task.config), "labels": t.task.labels} for t in self.tasks],
+            "tasks": tasks if self.base is None else grown_tasks_meta(self.base, tasks),
             "step": self.step,
             "best_step": self.best_step,
         }
+        if self.base is not None:
+            meta["base"] = self.base.identity()
+        return meta
 
     # ------------------------------------------------------------------ training
     def batch_loss(self, runtime: TaskRuntime, rows: list[int], batch: Any) -> torch.Tensor:
@@ -551,6 +598,9 @@ class Trainer:
             "frozen_cache": None if self.frozen_cache is None else self.frozen_cache.summary(),
             "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if self.device.type == "cuda" else None,
         })
+        if self.base is not None:
+            report.meta["base"] = self.base.identity()
+            report.meta["transfer"] = self.transfers
         for runtime in self.tasks:
             task_results = results.get(runtime.name, {})
             for split, evaluation in task_results.items():

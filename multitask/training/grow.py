@@ -1,0 +1,197 @@
+"""Grow a trained model task by task: new tasks train alone on its frozen encoder and frozen prefixes.
+
+Real tasks arrive one at a time, with little data. Retraining every task jointly changes the tasks a model already
+serves, and a new task trained from a random prefix ignores what the model's prefixes already know (DESIGN.md §6:
+starting a 100-example NER task from the model's CoNLL-2003 prefix is worth about +9 F1). So a grown run:
+
+- keeps the base's prefixes and heads as they are (loaded from its checkpoint, frozen, saved again bit for bit),
+  so every base task predicts exactly what the base run predicts;
+- gives each new task a prefix of its own (after the base's ``shared`` prefix, frozen, when the base has one) and a
+  head, and trains only those;
+- starts each new prefix as ``prefix.transfer`` says: as a fresh prefix, from a named base prefix, or from the base
+  prefix that ``auto`` measures best on the task's own training data (:mod:`multitask.training.prefix_transfer`).
+
+The run it writes is self-contained: its checkpoint holds every task of the base and the new ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from multitask.backbone import encoder_shape
+from multitask.errors import ConfigError
+from multitask.experiment import ExperimentConfig
+from multitask.inference.loading import LoadedCheckpoint, load_checkpoint_model
+from multitask.model import MultiTaskModel
+from multitask.prefix.bank import SHARED, PrefixLayout, plan_layout
+from multitask.runtime import build_heads, prefix_requests
+from multitask.tasks.base import TaskType
+from multitask.training.checkpoint import checkpoint_dir, read_checkpoint, write_checkpoint
+from multitask.tuning import TaskTuning
+from multitask.utils.atomic import ensure_writable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BaseRun:
+    """The trained run a grown run starts from: its checkpoint's meta and its model (frozen, on the CPU)."""
+
+    run_dir: Path
+    meta: dict[str, Any]
+    loaded: LoadedCheckpoint
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.loaded.tasks)
+
+    @property
+    def prefix_names(self) -> list[str]:
+        bank = self.loaded.model.prefix_bank
+        return [name for name, encoder in bank.encoders.items() if encoder.length] if bank is not None else []
+
+    def identity(self) -> dict[str, Any]:
+        """What a grown run records of its base: where it was, which checkpoint (by checksum), its tasks."""
+        return {"path": str(self.run_dir), "checkpoint_sha256": self.meta.get("model_sha256"),
+                "tasks": self.task_names}
+
+
+def resolve_base_dir(base: str, config_path: Path | None) -> Path:
+    """``base`` from the working directory, else beside the experiment config."""
+    candidates = [Path(base)] + ([config_path.parent / base] if config_path is not None else [])
+    for candidate in candidates:
+        if (candidate / "checkpoint").exists() or (candidate / ".checkpoint.old").exists():
+            return candidate
+    raise ConfigError(f"{config_path or '<config>'}: base: no trained run at {base!r} (looked for "
+                      f"{', '.join(str(c / 'checkpoint') for c in candidates)})")
+
+
+def load_base(experiment: ExperimentConfig, config_path: Path | None, encoder=None) -> BaseRun:
+    """The base run of a growing experiment, checked against what growing needs."""
+    source = f"{config_path or '<config>'}"
+    run_dir = resolve_base_dir(experiment.base, config_path)
+    if experiment.method != "prefix":
+        raise ConfigError(f"{source}: base: growing trains prefixes; method must be prefix, not {experiment.method}")
+    if experiment.prefix.init_from:
+        raise ConfigError(f"{source}: base and prefix.init_from exclude each other; a grown run starts from its "
+                          f"base (prefix.transfer says how)")
+    meta, _ = read_checkpoint(run_dir)
+    if meta.get("method") != "prefix":
+        raise ConfigError(f"{source}: base {run_dir} was trained with method {meta.get('method')}; only a prefix "
+                          f"run can grow (its encoder must stay frozen and shared)")
+    default_encoder = type(experiment.encoder)().name
+    if experiment.encoder.name not in (default_encoder, meta["encoder"]["name"]):
+        raise ConfigError(f"{source}: encoder.name {experiment.encoder.name!r} differs from the base's "
+                          f"{meta['encoder']['name']!r}; a grown run uses its base's encoder (leave encoder out)")
+    loaded = load_checkpoint_model(run_dir, encoder)
+    log.info("growing %s (%s): tasks %s, prefixes %s", run_dir, checkpoint_dir(run_dir) / "model.safetensors",
+             ", ".join(loaded.tasks), ", ".join(loaded.model.prefix_bank.encoders))
+    return BaseRun(run_dir, meta, loaded)
+
+
+def check_new_tasks(base: BaseRun, tasks: list[TaskType], source: str) -> None:
+    """A new task may not take a base task's name: the base's tasks stay exactly as they are."""
+    for task in tasks:
+        if task.config.name in base.loaded.tasks:
+            raise ConfigError(f"{source}: task {task.config.name!r} is already in base {base.run_dir}; a grown run "
+                              f"keeps the base's tasks as they are: rename the new task (its YAML's name) or "
+                              f"remove it from the base first (multitask remove)")
+
+
+def grown_layout(base: PrefixLayout, new: PrefixLayout) -> PrefixLayout:
+    """The base's prefixes and tasks, then the new tasks, each with its own prefix after the base's shared one
+    (when the base has one: what every base task already attends to is part of the model a new task joins)."""
+    shared = (SHARED,) if SHARED in base.prefixes else ()
+    return PrefixLayout(
+        prefixes={**base.prefixes, **new.prefixes},
+        task_prefixes={**base.task_prefixes, **{task: shared + names for task, names in new.task_prefixes.items()}},
+        attention={**base.attention, **new.attention},
+    )
+
+
+def new_prefix_name(task: str) -> str:
+    return f"task_{task}"
+
+
+def build_grown_model(base: BaseRun, experiment: ExperimentConfig, tasks: list[TaskType],
+                      tunings: dict[str, TaskTuning]) -> MultiTaskModel:
+    """The base's model with a new prefix and head per new task; the base's own prefixes and heads are the very
+    modules loaded from its checkpoint, frozen."""
+    base_model = base.loaded.model
+    base_layout = base_model.prefix_bank.layout
+    new_layout = plan_layout(replace(experiment.prefix, mode="per_task"), prefix_requests(tasks, tunings))
+    for name in new_layout.prefixes:
+        if name in base_layout.prefixes:
+            raise ConfigError(f"prefix {name!r} is already in base {base.run_dir}: rename the new task")
+    encoder = base_model.encoder
+    heads = {**dict(base_model.heads.items()),
+             **build_heads(tasks, encoder_shape(encoder.config).hidden_size)}
+    model = MultiTaskModel(encoder, heads, grown_layout(base_layout, new_layout))
+    for name in base_layout.prefixes:
+        model.prefix_bank.encoders[name] = base_model.prefix_bank.encoders[name]
+    for name in base.task_names:
+        model.heads[name].requires_grad_(False)
+    for name in base_layout.prefixes:
+        model.prefix_bank.encoders[name].requires_grad_(False)
+    return model
+
+
+def grown_tasks_meta(base: BaseRun, new_tasks_meta: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The checkpoint's task list: the base's entries as saved (so they load back as they were), then the new."""
+    return [*base.meta["tasks"], *new_tasks_meta]
+
+
+def task_rows(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per task of a saved model: name, type, labels, prefixes (with their attention) and origin."""
+    layout = meta.get("prefix_layout", {})
+    attention = layout.get("attention", {})
+    from_base = set(meta.get("base", {}).get("tasks", []))
+    rows = []
+    for saved in meta["tasks"]:
+        name = saved["config"]["name"]
+        prefixes = layout.get("task_prefixes", {}).get(name, [])
+        rows.append({
+            "task": name, "type": saved["config"]["type"], "labels": len(saved["labels"]),
+            "prefixes": [f"{p} ({attention.get(p, 'joint') if isinstance(attention, dict) else attention}, "
+                         f"{layout['prefixes'][p].get('length')} tokens)" for p in prefixes],
+            "origin": f"base {meta['base']['path']}" if name in from_base else "trained here",
+        })
+    return rows
+
+
+def remove_task(run_dir: Path, task: str, output_dir: Path) -> Path:
+    """Write the model of ``run_dir`` without ``task`` to ``output_dir``: its head, and the prefixes no other task
+    attends to, are left out; every other weight is copied unchanged, so every other task predicts exactly as it
+    did. The source run is never modified."""
+    meta, weights = read_checkpoint(run_dir)
+    names = [saved["config"]["name"] for saved in meta["tasks"]]
+    if task not in names:
+        raise ConfigError(f"{run_dir}: no task {task!r}; its tasks: {', '.join(names)}")
+    if len(names) == 1:
+        raise ConfigError(f"{run_dir}: {task!r} is its only task; a model without tasks has nothing to serve")
+    if Path(output_dir).resolve() == Path(run_dir).resolve() or (Path(output_dir) / "checkpoint").exists():
+        raise ConfigError(f"{output_dir}: already holds a run (or is the source); choose a new --output-dir")
+    layout = meta["prefix_layout"]
+    task_prefixes = {t: p for t, p in layout["task_prefixes"].items() if t != task}
+    kept = {name for prefixes in task_prefixes.values() for name in prefixes}
+    dropped = [name for name in layout["prefixes"] if layout["task_prefixes"] and name not in kept]
+    attention = layout.get("attention")
+    new_layout = {**layout, "task_prefixes": task_prefixes,
+                  "prefixes": {n: c for n, c in layout["prefixes"].items() if n not in dropped}}
+    if isinstance(attention, dict):
+        new_layout["attention"] = {n: a for n, a in attention.items() if n not in dropped}
+    state = {key: value for key, value in weights.items()
+             if not key.startswith(f"heads.{task}.") and not any(key.startswith(f"prefix_bank.encoders.{n}.")
+                                                                   for n in dropped)}
+    new_meta = {key: value for key, value in meta.items() if key not in ("model_sha256", "format_version")}
+    new_meta.update(tasks=[s for s in meta["tasks"] if s["config"]["name"] != task], prefix_layout=new_layout,
+                    removed={"task": task, "from": str(run_dir), "prefixes": dropped})
+    if "base" in meta:
+        new_meta["base"] = {**meta["base"], "tasks": [t for t in meta["base"]["tasks"] if t != task]}
+    ensure_writable(output_dir)
+    written = write_checkpoint(Path(output_dir), state, new_meta)
+    log.info("wrote %s without task %s (prefixes left out: %s)", written, task, ", ".join(dropped) or "none")
+    return written

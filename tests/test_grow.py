@@ -1,0 +1,278 @@
+"""Growing a trained model: base tasks stay bit-identical in every prefix mode, new prefixes start as
+prefix.transfer says (auto measured on training data only), remove, grow a grown run, resume, the frozen cache,
+and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from multitask.cli import main
+from multitask.config import load_config
+from multitask.errors import ConfigError
+from multitask.experiment import ExperimentConfig
+from multitask.model import ModelInputs
+from multitask.prefix.adapt import adapt_key_values
+from multitask.run import load_run
+from multitask.tasks.base import featurize_examples
+from multitask.training.checkpoint import trainable_state
+from multitask.training.prefix_transfer import ScoringData
+from multitask.training.trainer import Trainer
+from tests.fixtures import write_project
+
+BASE_INPUTS = {"cls": ["good movie", "boring and bad film", "i love this plot"],
+               "ner": ["john smith was born in paris", "london is a city"]}
+GROUPS = ["tasks.0.overrides.prefix.group=g", "tasks.1.overrides.prefix.group=g"]
+
+
+def write_base_config(project: Path, mode: str) -> Path:
+    """The project's experiment with cls and ner only (qa arrives later, by growing)."""
+    text = (project / "configs" / "exp.yaml").read_text().replace("  - {file: ../tasks/qa.yaml, batch_size: 4}\n", "")
+    path = project / "configs" / f"base-{mode}.yaml"
+    path.write_text(text.replace("mode: per_task", f"mode: {mode}"))
+    return path
+
+
+def write_grow_config(project: Path, base: Path, name: str = "grown", tasks: str = "qa", transfer: str = "auto",
+                      extra: str = "") -> Path:
+    encoder = project / "encoder"
+    entries = "\n".join(f"  - {{file: ../tasks/{task}.yaml, batch_size: 4}}" for task in tasks.split(","))
+    path = project / "configs" / f"{name}.yaml"
+    path.write_text(f"""
+name: {name}
+base: {base}
+encoder: {{name: {encoder}}}
+tasks:
+{entries}
+prefix: {{transfer: {transfer}, transfer_steps: 3, prefix: {{length: 4}}}}
+optimization: {{max_steps: 6, prefix_lr: 0.01, head_lr: 0.01, warmup_ratio: 0.0}}
+evaluation: {{every_steps: 3, batch_size: 8}}
+data_root: {project / "data"}
+cache_dir: {project / "cache"}
+seed: 5
+precision: fp32
+{extra}""".lstrip())
+    return path
+
+
+def train(config: Path, run_dir: Path, overrides=(), **kwargs) -> Trainer:
+    trainer = Trainer(load_config(ExperimentConfig, config, list(overrides)), run_dir, config_path=config,
+                      progress=False, **kwargs)
+    trainer.train()
+    return trainer
+
+
+def logits(run, task: str, texts: list[str]) -> torch.Tensor:
+    """The task's raw logits for ``texts`` in a one-task batch (no decoding between them and the test)."""
+    runtime_task = run.tasks[task]
+    examples = run.parse_inputs(task, texts)
+    features = featurize_examples(runtime_task, examples, run.tokenizer, training=False)
+    batch = runtime_task.collate(features, run.tokenizer.pad_token_id or 0)
+    with torch.no_grad():
+        return run.model(ModelInputs.of_task(batch, run.model.task_id(task)))[task][0]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    config = write_project(tmp_path_factory.mktemp("grow"), max_steps=6)
+    return config.parent.parent
+
+
+@pytest.fixture(scope="module")
+def bases(project) -> dict[str, Path]:
+    runs = {}
+    for mode in ("per_task", "shared", "hybrid", "groups"):
+        run_dir = project / "runs" / f"base-{mode}"
+        train(write_base_config(project, mode), run_dir, GROUPS if mode == "groups" else ())
+        runs[mode] = run_dir
+    return runs
+
+
+@pytest.fixture(scope="module")
+def grown(project, bases) -> dict[str, Path]:
+    runs = {}
+    for mode, base in bases.items():
+        run_dir = project / "runs" / f"grown-{mode}"
+        train(write_grow_config(project, base, name=f"grown-{mode}"), run_dir)
+        runs[mode] = run_dir
+    return runs
+
+
+@pytest.mark.parametrize("mode", ["per_task", "shared", "hybrid", "groups"])
+def test_base_tasks_are_bit_identical_after_growing(bases, grown, mode):
+    base, bigger = load_run(bases[mode]), load_run(grown[mode])
+    assert list(bigger.tasks) == ["cls", "ner", "qa"]
+    for task, texts in BASE_INPUTS.items():
+        assert torch.equal(logits(bigger, task, texts), logits(base, task, texts)), (mode, task)
+        assert bigger.predict(task, texts) == base.predict(task, texts)
+    assert len(bigger.predict("qa", [{"question": "where was john born ?",
+                                      "context": "john smith was born in london ."}])) == 1
+
+
+def test_the_grown_run_records_its_base_and_the_transfer_choice(bases, grown):
+    meta = json.loads((grown["per_task"] / "checkpoint" / "meta.json").read_text())
+    base_meta = json.loads((bases["per_task"] / "checkpoint" / "meta.json").read_text())
+    assert meta["base"] == {"path": str(bases["per_task"]), "checkpoint_sha256": base_meta["model_sha256"],
+                            "tasks": ["cls", "ner"]}
+    assert meta["tasks"][:2] == base_meta["tasks"]  # the base's task entries as they were saved
+    report = json.loads((grown["per_task"] / "report.json").read_text())
+    assert report["meta"]["base"] == meta["base"]
+    choice = report["meta"]["transfer"]["qa"]
+    assert choice["setting"] == "auto"
+    assert set(choice["held_back_train_loss"]) == {"none", "task_cls", "task_ner"}
+    assert choice["source"] == min(choice["held_back_train_loss"], key=choice["held_back_train_loss"].get)
+    assert set(report["tasks"]) == {"qa"}  # only the new task was trained and evaluated here
+
+
+def test_only_the_new_prefix_and_head_train(project, bases):
+    config = write_grow_config(project, bases["hybrid"], name="inspect", transfer="none")
+    trainer = Trainer(load_config(ExperimentConfig, config), project / "runs" / "inspect", config_path=config,
+                      progress=False)
+    trained = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained == {"prefix_bank.encoders.task_qa.embedding", *{f"heads.qa.{n}" for n, _ in
+                                                                    trainer.model.heads["qa"].named_parameters()}}
+    # In a hybrid base a new task attends to the base's (frozen) shared prefix and to its own.
+    assert trainer.model.prefix_bank.layout.task_prefixes["qa"] == ("shared", "task_qa")
+
+
+def test_transfer_by_name_starts_from_that_prefix_fitted(project, bases):
+    config = write_grow_config(project, bases["per_task"], name="named", transfer="task_ner")
+    trainer = Trainer(load_config(ExperimentConfig, config, ["prefix.prefix.length=6"]), project / "runs" / "named",
+                      config_path=config, progress=False)
+    source = trainer.model.prefix_bank.encoders["task_ner"]
+    target = trainer.model.prefix_bank.encoders["task_qa"]
+    expected = adapt_key_values(source().detach(), source.layers, target.layers, 6)
+    assert torch.equal(target().detach(), expected)
+    assert torch.equal(expected[:, :, :, 4:], expected[:, :, :, :2])  # 4 tokens repeated to make 6
+    assert trainer.transfers["qa"]["source"] == "task_ner"
+
+
+def test_adapting_cuts_repeats_and_maps_layers_by_index():
+    kv = torch.arange(3 * 2 * 1 * 4 * 2, dtype=torch.float32).view(3, 2, 1, 4, 2)  # layers 1, 2, 3
+    cut = adapt_key_values(kv, (1, 2, 3), (2, 3), 2)
+    assert torch.equal(cut, kv[1:, :, :, :2])
+    repeated = adapt_key_values(kv, (1, 2, 3), (1,), 10)
+    assert torch.equal(repeated[0, :, :, 8:], kv[0, :, :, :2]) and repeated.shape[3] == 10
+    with pytest.raises(ConfigError, match=r"prefix 'p' lives in layers \[1, 2, 3\], so it cannot start a prefix in "
+                                          r"layers \[0, 1\] \(no keys/values for layer\(s\) \[0\]\)"):
+        adapt_key_values(kv, (1, 2, 3), (0, 1), 4, "p")
+
+
+def test_auto_scores_on_training_data_it_holds_back():
+    data = ScoringData.split(50, seed=3)
+    assert len(data.held) == 10 and not set(data.fit) & set(data.held) and sorted(data.fit + data.held) == list(range(50))
+    assert ScoringData.split(50, seed=3) == data
+    with pytest.raises(ConfigError, match="at least 2 training inputs"):
+        ScoringData.split(1, seed=3)
+
+
+def test_refusals_are_one_line(project, bases, capsys):
+    base = bases["per_task"]
+    clash = write_grow_config(project, base, name="clash", tasks="ner")
+    assert main(["train", str(clash), "--output-dir", str(project / "runs" / "clash"), "--no-progress"]) == 2
+    assert "task 'ner' is already in base" in capsys.readouterr().err
+    unknown = write_grow_config(project, base, name="unknown", transfer="task_nope")
+    assert main(["train", str(unknown), "--output-dir", str(project / "runs" / "unknown"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "prefix.transfer 'task_nope': the base has no such prefix; its prefixes: task_cls, task_ner" in err
+    deep = write_grow_config(project, bases["per_task"], name="deep", transfer="task_cls")
+    # A base prefix in the top layer only cannot start a prefix in every layer.
+    top = project / "runs" / "base-top"
+    train(write_base_config(project, "per_task"), top, ["prefix.prefix.layers={top: 1}"])
+    deep.write_text(deep.read_text().replace(f"base: {base}", f"base: {top}"))
+    assert main(["train", str(deep), "--output-dir", str(project / "runs" / "deep"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("(no keys/values for layer(s) [0])") and "Traceback" not in "".join(err)
+    missing = write_grow_config(project, project / "runs" / "no-such-run", name="missing")
+    assert main(["train", str(missing), "--output-dir", str(project / "runs" / "missing"), "--no-progress"]) == 2
+    assert "base: no trained run at" in capsys.readouterr().err
+
+
+def test_tasks_lists_a_grown_model(grown, capsys):
+    assert main(["tasks", str(grown["hybrid"])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["cls", "ner", "qa"]
+    assert "[base " in lines[0] and "[trained here]" in lines[2] and "shared (joint, 4 tokens)" in lines[2]
+
+
+@pytest.mark.parametrize("mode", ["per_task", "hybrid"])
+def test_remove_keeps_every_other_task_bit_identical(project, grown, mode, capsys):
+    out = project / "runs" / f"removed-{mode}"
+    before = {p: p.read_bytes() for p in grown[mode].rglob("*") if p.is_file()}
+    assert main(["remove", str(grown[mode]), "cls", "--output-dir", str(out)]) == 0
+    assert {p: p.read_bytes() for p in grown[mode].rglob("*") if p.is_file()} == before  # the source is untouched
+    smaller, whole = load_run(out), load_run(grown[mode])
+    assert list(smaller.tasks) == ["ner", "qa"]
+    assert torch.equal(logits(smaller, "ner", BASE_INPUTS["ner"]), logits(whole, "ner", BASE_INPUTS["ner"]))
+    qa = [{"question": "what is the capital of france ?", "context": "paris is the capital of france ."}]
+    assert smaller.predict("qa", qa) == whole.predict("qa", qa)
+    assert "task_cls" not in smaller.model.prefix_bank.encoders
+    assert main(["remove", str(grown[mode]), "nope", "--output-dir", str(project / "runs" / "x")]) == 2
+    assert "no task 'nope'; its tasks: cls, ner, qa" in capsys.readouterr().err
+    assert main(["remove", str(grown[mode]), "ner", "--output-dir", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_a_grown_run_grows_again(project, bases, grown):
+    config = write_grow_config(project, grown["per_task"], name="again", tasks="cls", transfer="task_qa")
+    overrides = ["tasks.0.overrides.name=cls2"]
+    train(config, project / "runs" / "again", overrides)
+    twice, once = load_run(project / "runs" / "again"), load_run(grown["per_task"])
+    assert list(twice.tasks) == ["cls", "ner", "qa", "cls2"]
+    for task, texts in BASE_INPUTS.items():
+        assert torch.equal(logits(twice, task, texts), logits(once, task, texts))
+    qa = [{"question": "where was john born ?", "context": "john smith was born in london ."}]
+    assert twice.predict("qa", qa) == once.predict("qa", qa)
+    meta = json.loads((project / "runs" / "again" / "checkpoint" / "meta.json").read_text())
+    assert meta["base"]["tasks"] == ["cls", "ner", "qa"]
+
+
+def test_a_grown_run_resumes_exactly(project, bases):
+    config = write_grow_config(project, bases["hybrid"], name="resumable")
+    overrides = ["evaluation.checkpoint_every=2"]
+    whole = train(config, project / "runs" / "resume-whole", overrides)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_4(step: int) -> None:
+        if step == 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(config, project / "runs" / "resume-killed", overrides, on_step=kill_at_step_4)
+    resumed = train(config, project / "runs" / "resume-killed", overrides, resume=True)
+    a, b = trainable_state(whole.model), trainable_state(resumed.model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.transfers == whole.transfers
+
+
+def test_a_grown_run_caches_the_frozen_layers_below_its_new_prefix(project, bases):
+    config = write_grow_config(project, bases["per_task"], name="cached", transfer="none")
+    trainer = train(config, project / "runs" / "cached", [
+        "optimization.frozen_cache.enabled=true", "optimization.frozen_cache.dtype=float32",
+        "tasks.0.overrides.prefix.layers={top: 1}", "optimization.max_steps=9"])
+    assert trainer.frozen_cache.boundaries == {"qa": 1}
+    assert trainer.frozen_cache.summary()["hits"] > 0
+
+
+def test_compare_grows_the_base_beside_methods_trained_from_scratch(project, bases, tmp_path):
+    from multitask.compare import compare, method_experiment
+
+    config = write_grow_config(project, bases["per_task"], name="compared", transfer="none")
+    experiment = load_config(ExperimentConfig, config)
+    runs = {label: e for method in ("prefix_transfer", "prefix_per_task", "lora")
+            for label, e in method_experiment(experiment, method, config)}
+    assert runs["prefix_transfer"].base == str(bases["per_task"].resolve())
+    assert runs["prefix_transfer"].prefix.transfer == "auto"  # none would make it the scratch run
+    assert runs["prefix_per_task"].base is None and runs["lora"].base is None
+    results = compare(experiment, ["prefix_transfer", "prefix_per_task"], tmp_path / "cmp", config_path=config,
+                      in_process=True)
+    assert set(results["methods"]["prefix_transfer"]["tasks"]) == {"qa"}
+    assert set(results["methods"]["prefix_per_task"]["tasks"]) == {"qa"}
+    without_base = load_config(ExperimentConfig, config, ["base=null"])
+    with pytest.raises(ConfigError, match="prefix_transfer grows a trained run: set base"):
+        method_experiment(without_base, "prefix_transfer", config)
