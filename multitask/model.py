@@ -12,6 +12,7 @@ from multitask.backbone import encoder_shape, freeze
 from multitask.encoder_stages import lower_states, upper_output
 from multitask.heads import EncoderOutput
 from multitask.prefix.bank import PrefixBank, PrefixLayout
+from multitask.prefix.mixture import input_summary
 
 
 @dataclass
@@ -112,14 +113,21 @@ class MultiTaskModel(nn.Module):
         tasks = [self.task_names[i] for i in torch.unique(task_ids).tolist()]
         return self.prefix_bank.shared_below(tasks)
 
+    def _prefix(self, inputs: ModelInputs):
+        """The batch's prefixes (with each input's summary where a prefix mixes sources per input)."""
+        bank = self.prefix_bank
+        summary = input_summary(self.encoder.get_input_embeddings(), inputs.input_ids, inputs.attention_mask) \
+            if bank.needs_summary else None
+        return bank(inputs.task_ids, summary)
+
     def encode_lower(self, inputs: ModelInputs, boundary: int) -> torch.Tensor:
         """The hidden states entering layer ``boundary`` (prefixes of the layers below included)."""
-        prefix = self.prefix_bank(inputs.task_ids) if self.prefix_bank is not None and boundary else None
+        prefix = self._prefix(inputs) if self.prefix_bank is not None and boundary else None
         return lower_states(self.encoder, inputs.input_ids, inputs.attention_mask, inputs.token_type_ids, boundary,
                             prefix)
 
     def encode(self, inputs: ModelInputs) -> EncoderOutput:
-        prefix = self.prefix_bank(inputs.task_ids) if self.prefix_bank is not None else None
+        prefix = self._prefix(inputs) if self.prefix_bank is not None else None
         if inputs.states is not None:
             last, pooled = upper_output(self.encoder, inputs.states, inputs.attention_mask, inputs.boundary, prefix)
             return EncoderOutput(last, inputs.attention_mask, pooled)

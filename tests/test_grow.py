@@ -276,3 +276,49 @@ def test_compare_grows_the_base_beside_methods_trained_from_scratch(project, bas
     without_base = load_config(ExperimentConfig, config, ["base=null"])
     with pytest.raises(ConfigError, match="prefix_transfer grows a trained run: set base"):
         method_experiment(without_base, "prefix_transfer", config)
+
+
+@pytest.fixture(scope="module")
+def mixed(project, bases) -> Path:
+    run_dir = project / "runs" / "mixture"
+    train(write_grow_config(project, bases["per_task"], name="mixture", transfer="mixture"), run_dir)
+    return run_dir
+
+
+def test_a_mixture_learns_input_dependent_weights_over_the_base_prefixes(mixed, bases):
+    report = json.loads((mixed / "report.json").read_text())
+    choice = report["meta"]["transfer"]["qa"]
+    assert choice["setting"] == "mixture" and choice["source"] == "mixture of task_cls, task_ner"
+    weights = choice["mixing_weights"]["mean"]
+    assert set(weights) == {"no source", "task_cls", "task_ner"} and sum(weights.values()) == pytest.approx(1, abs=1e-3)
+    run = load_run(mixed)
+    mixture = run.model.prefix_bank.mixtures["task_qa"]
+    from multitask.prefix.mixture import input_summary
+
+    ids = torch.tensor([[2, 5, 6, 3], [2, 9, 12, 3]])
+    per_input = mixture.weights(input_summary(run.model.encoder.get_input_embeddings(), ids, torch.ones_like(ids)))
+    assert not torch.allclose(per_input[0], per_input[1])  # trained: different inputs, different mixes
+    base = load_run(bases["per_task"])
+    for task, texts in BASE_INPUTS.items():
+        assert torch.equal(logits(run, task, texts), logits(base, task, texts))
+
+
+def test_a_mixture_task_shares_a_pass_with_other_tasks(mixed):
+    run = load_run(mixed)
+    qa = [{"question": "where was john born ?", "context": "john smith was born in london ."},
+          {"question": "what is the capital of france ?", "context": "paris is the capital of france ."}]
+    together = run.predict_many({"qa": qa, "cls": BASE_INPUTS["cls"]})
+    assert together["qa"] == run.predict("qa", qa) and together["cls"] == run.predict("cls", BASE_INPUTS["cls"])
+
+
+def test_a_grown_mixture_run_grows_again_unchanged(project, mixed):
+    config = write_grow_config(project, mixed, name="after-mixture", tasks="cls", transfer="none")
+    train(config, project / "runs" / "after-mixture", ["tasks.0.overrides.name=cls3"])
+    again, before = load_run(project / "runs" / "after-mixture"), load_run(mixed)
+    qa = [{"question": "where was john born ?", "context": "john smith was born in london ."}]
+    features = featurize_examples(before.tasks["qa"], before.parse_inputs("qa", qa), before.tokenizer, training=False)
+    batch = before.tasks["qa"].collate(features, 0)
+    with torch.no_grad():
+        a = again.model(ModelInputs.of_task(batch, again.model.task_id("qa")))["qa"][0]
+        b = before.model(ModelInputs.of_task(batch, before.model.task_id("qa")))["qa"][0]
+    assert torch.equal(a, b)

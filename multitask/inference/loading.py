@@ -41,19 +41,25 @@ def _saved_tasks(meta: dict[str, Any], source: str) -> dict[str, TaskType]:
     return tasks
 
 
-def _rebuild_model(meta: dict[str, Any], tasks: dict[str, TaskType], encoder) -> MultiTaskModel:
-    heads = build_heads(list(tasks.values()), encoder_shape(encoder.config).hidden_size)
+def _saved_layout(meta: dict[str, Any], source: str) -> PrefixLayout | None:
     saved = meta["prefix_layout"]
-    layout = None
-    if saved["task_prefixes"]:
-        attention = saved.get("attention", "joint")  # runs before attention: separate were all joint
-        if isinstance(attention, str):  # runs before per-task attention: one setting for every prefix
-            attention = dict.fromkeys(saved["prefixes"], attention)
-        layout = PrefixLayout(
-            prefixes={name: PrefixConfig(**cfg) for name, cfg in saved["prefixes"].items()},
-            task_prefixes={task: tuple(names) for task, names in saved["task_prefixes"].items()},
-            attention=attention,
-        )
+    if not saved["task_prefixes"]:
+        return None
+    attention = saved.get("attention", "joint")  # runs before attention: separate were all joint
+    if isinstance(attention, str):  # runs before per-task attention: one setting for every prefix
+        attention = dict.fromkeys(saved["prefixes"], attention)
+    return PrefixLayout(
+        # from_dict: a damaged entry is a one-line ConfigError naming meta.json, not a TypeError
+        prefixes={name: from_dict(PrefixConfig, cfg, source=source, path=f"prefix_layout.prefixes.{name}")
+                  for name, cfg in saved["prefixes"].items()},
+        task_prefixes={task: tuple(names) for task, names in saved["task_prefixes"].items()},
+        attention=attention,
+        mixtures={name: tuple(sources) for name, sources in saved.get("mixtures", {}).items()},
+    )
+
+
+def _rebuild_model(layout: PrefixLayout | None, tasks: dict[str, TaskType], encoder) -> MultiTaskModel:
+    heads = build_heads(list(tasks.values()), encoder_shape(encoder.config).hidden_size)
     return MultiTaskModel(encoder, heads, layout)
 
 
@@ -74,6 +80,7 @@ def load_checkpoint_model(run_dir: Path, encoder=None) -> LoadedCheckpoint:
     source = f"{run_dir}/checkpoint/meta.json"
     experiment = from_dict(ExperimentConfig, meta["experiment"], source=source)
     tasks = _saved_tasks(meta, source)
+    layout = _saved_layout(meta, source)  # before the encoder loads: a damaged meta.json fails at once
     checked = meta["method"] != "full_ft"  # a fully fine-tuned run carries its own encoder weights
     # Fingerprints saved before v2 hashed the pooler too: checking one needs the checkpoint's pooler loaded.
     legacy = checked and is_legacy_fingerprint(meta["encoder"]["fingerprint"])
@@ -85,7 +92,7 @@ def load_checkpoint_model(run_dir: Path, encoder=None) -> LoadedCheckpoint:
                                checkpoint_pooler=legacy)
     if checked:
         _check_encoder(run_dir, meta, encoder, legacy)
-    model = _rebuild_model(meta, tasks, encoder)
+    model = _rebuild_model(layout, tasks, encoder)
     if experiment.method == "lora":
         add_lora(model.encoder, experiment.lora)
     missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -13,6 +13,7 @@ from torch import nn
 from multitask.errors import ConfigError
 from multitask.prefix.config import PrefixBankConfig, PrefixConfig
 from multitask.prefix.encoder import PrefixEncoder
+from multitask.prefix.mixture import PrefixMixture
 from multitask.tuning import TuningDefaults
 
 SHARED = "shared"
@@ -85,6 +86,8 @@ class PrefixLayout:
     prefixes: dict[str, PrefixConfig]
     task_prefixes: dict[str, tuple[str, ...]]
     attention: dict[str, str] = field(default_factory=dict)
+    # prefix -> the frozen source prefixes mixed into it per input (prefix.transfer: mixture; see prefix/mixture.py)
+    mixtures: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def attention_of(self, prefix: str) -> str:
         return self.attention.get(prefix, _DEFAULTS.prefix_attention)
@@ -192,6 +195,9 @@ class PrefixBank(nn.Module):
             {name: PrefixEncoder(cfg, num_layers, num_heads, head_dim) for name, cfg in layout.prefixes.items()}
         )
         self.dropout = nn.Dropout(max((cfg.dropout for cfg in layout.prefixes.values()), default=0.0))
+        self.mixtures = nn.ModuleDict({name: PrefixMixture(list(sources), self.encoders[name].kv_shape,
+                                                           num_heads * head_dim)
+                                       for name, sources in layout.mixtures.items()})
 
     def task_index(self, task: str) -> int:
         return self.task_names.index(task)
@@ -263,8 +269,10 @@ class PrefixBank(nn.Module):
         full[list(layers)] = kv
         return full
 
-    def forward(self, task_ids: torch.Tensor) -> PrefixInputs | None:
-        """Gather each example's prefix; every prefix encoder runs once per call, however many examples use it."""
+    def forward(self, task_ids: torch.Tensor, summary: torch.Tensor | None = None) -> PrefixInputs | None:
+        """Gather each example's prefix; every prefix encoder runs once per call, however many examples use it.
+        ``summary``: each input's pooled word embeddings ``(batch, hidden)``, which mixtures need (see
+        :meth:`needs_summary`)."""
         unique_ids = torch.unique(task_ids, sorted=True)
         tasks = tuple(self.task_names[i] for i in unique_ids.tolist())
         if not any(self.prefix_length(task) for task in tasks):
@@ -272,11 +280,34 @@ class PrefixBank(nn.Module):
         computed = {name: self._full_depth(name, self.encoders[name]())
                     for name in {n for t in tasks for n in self.layout.task_prefixes[t]}}
         position = torch.searchsorted(unique_ids, task_ids)
-        return PrefixInputs(*(self._assemble(tasks, position, computed, attention)
+        return PrefixInputs(*(self._assemble(tasks, position, computed, attention, summary)
                               for attention in ("joint", "separate")))
 
+    @property
+    def needs_summary(self) -> bool:
+        """Whether some prefix depends on the input (a mixture), so forward needs the inputs' summaries."""
+        return len(self.mixtures) > 0
+
+    def _mixed(self, kv: torch.Tensor, tasks: tuple[str, ...], names: list[list[str]], position: torch.Tensor,
+               summary: torch.Tensor | None) -> torch.Tensor:
+        """``kv`` with each mixture prefix's per-input sum of sources added at that prefix's positions."""
+        delta = None
+        for index, (task, task_names) in enumerate(zip(tasks, names)):
+            offset = 0
+            for name in task_names:
+                length = self.encoders[name].length
+                if name in self.mixtures:
+                    if summary is None:
+                        raise ValueError(f"prefix {name!r} mixes sources per input: forward needs the inputs' summary")
+                    rows = (position == index).nonzero(as_tuple=True)[0]
+                    delta = torch.zeros_like(kv) if delta is None else delta
+                    mixed = self._full_depth(name, self.mixtures[name](summary[rows]).transpose(0, 1)).transpose(0, 1)
+                    delta[rows, :, :, :, offset : offset + length] = mixed.to(delta.dtype)
+                offset += length
+        return kv if delta is None else kv + delta
+
     def _assemble(self, tasks: tuple[str, ...], position: torch.Tensor, computed: dict[str, torch.Tensor],
-                  attention: str) -> PrefixKV | None:
+                  attention: str, summary: torch.Tensor | None = None) -> PrefixKV | None:
         """Each example's prefixes attended one way, concatenated in its task's order and padded to the longest."""
         names = [self._attended(task, attention) for task in tasks]
         lengths = [sum(self.encoders[name].length for name in task_names) for task_names in names]
@@ -288,7 +319,10 @@ class PrefixBank(nn.Module):
         for task_names, length in zip(names, lengths):
             parts = [computed[name] for name in task_names] or [template[:, :, :, :0]]
             per_task.append(nn.functional.pad(torch.cat(parts, dim=3), (0, 0, 0, longest - length)))
-        kv = self.dropout(torch.stack(per_task)[position])  # (batch, layers, 2, heads, P, head_dim)
+        kv = torch.stack(per_task)[position]  # (batch, layers, 2, heads, P, head_dim)
+        if self.mixtures:
+            kv = self._mixed(kv, tasks, names, position, summary)
+        kv = self.dropout(kv)
         if self.every_layer:
             masks = torch.stack([torch.arange(longest, device=position.device) < length for length in lengths])
             return PrefixKV(keys=kv[:, :, 0], values=kv[:, :, 1], mask=masks[position])

@@ -137,8 +137,9 @@ class PrefixBankConfig:
                   "prefix does (init); a prefix name of the base (task_conll2003, shared, group_x): its trained "
                   "keys/values, fitted to the new prefix's length and layers; auto: every base prefix and none are "
                   "each trained for transfer_steps on most of the task's training data and scored by loss on the "
-                  "rest of it, and the lowest loss wins (never the validation split). A task file's "
-                  "prefix.transfer overrides it for that task."},
+                  "rest of it, and the lowest loss wins (never the validation split); mixture: a fresh prefix "
+                  "plus a learned, input-dependent mix of every base prefix (frozen), as ATTEMPT does, its mixing "
+                  "weights reported. A task file's prefix.transfer overrides it for that task."},
     )
     transfer_steps: int = field(
         default=20, metadata={"help": "transfer: auto: optimiser steps each candidate trains before it is scored."}
@@ -152,10 +153,10 @@ class PrefixBankConfig:
             raise ValueError(f"transfer_steps must be >= 1, got {self.transfer_steps}")
 
 
-TRANSFER_CHOICES = ("none", "auto")
+TRANSFER_CHOICES = ("none", "auto", "mixture")
 
 
 def check_transfer(value: str) -> None:
     """What can be checked without the base run: a choice or a prefix name of the bank's form."""
     if value not in TRANSFER_CHOICES and not re.match(r"^[A-Za-z0-9_\-]+$", value):
-        raise ValueError(f"transfer: expected none, auto or a prefix name of the base run, got {value!r}")
+        raise ValueError(f"transfer: expected none, auto, mixture or a prefix name of the base run, got {value!r}")

@@ -54,6 +54,10 @@ def _folded_state(model: MultiTaskModel) -> tuple[dict[str, torch.Tensor], dict[
             layout["prefixes"][name] = asdict(folded.config)
         layout["task_prefixes"] = {t: list(p) for t, p in model.prefix_bank.layout.task_prefixes.items()}
         layout["attention"] = dict(model.prefix_bank.layout.attention)
+        if model.prefix_bank.mixtures:  # input-dependent: saved as they are (their sources are buffers in them)
+            layout["mixtures"] = {name: list(s) for name, s in model.prefix_bank.layout.mixtures.items()}
+            state.update({f"prefix_bank.mixtures.{k}": v.detach().cpu().contiguous()
+                          for k, v in model.prefix_bank.mixtures.state_dict().items()})
     # Encoder weights only when they were trained (LoRA branches, or everything under full fine-tuning).
     state.update({f"encoder.{k}": p.detach().cpu().contiguous()
                   for k, p in model.encoder.named_parameters() if p.requires_grad})

@@ -21,15 +21,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from multitask.backbone import encoder_shape
 from multitask.errors import ConfigError
 from multitask.experiment import ExperimentConfig
 from multitask.inference.loading import LoadedCheckpoint, load_checkpoint_model
 from multitask.model import MultiTaskModel
 from multitask.prefix.bank import SHARED, PrefixLayout, plan_layout
+from multitask.prefix.config import resolve_layers
 from multitask.runtime import build_heads, prefix_requests
 from multitask.tasks.base import TaskType
 from multitask.training.checkpoint import checkpoint_dir, read_checkpoint, write_checkpoint
+from multitask.training.prefix_transfer import source_key_values
 from multitask.tuning import TaskTuning
 from multitask.utils.atomic import ensure_writable
 
@@ -109,6 +113,7 @@ def grown_layout(base: PrefixLayout, new: PrefixLayout) -> PrefixLayout:
         prefixes={**base.prefixes, **new.prefixes},
         task_prefixes={**base.task_prefixes, **{task: shared + names for task, names in new.task_prefixes.items()}},
         attention={**base.attention, **new.attention},
+        mixtures={**base.mixtures, **new.mixtures},
     )
 
 
@@ -127,16 +132,52 @@ def build_grown_model(base: BaseRun, experiment: ExperimentConfig, tasks: list[T
         if name in base_layout.prefixes:
             raise ConfigError(f"prefix {name!r} is already in base {base.run_dir}: rename the new task")
     encoder = base_model.encoder
+    sources = _mixture_sources(base, experiment, tasks, new_layout, encoder_shape(encoder.config).num_layers)
     heads = {**dict(base_model.heads.items()),
              **build_heads(tasks, encoder_shape(encoder.config).hidden_size)}
-    model = MultiTaskModel(encoder, heads, grown_layout(base_layout, new_layout))
+    layout = grown_layout(base_layout, new_layout)
+    model = MultiTaskModel(encoder, heads, replace(layout, mixtures={**layout.mixtures,
+                                                                     **{n: tuple(s) for n, s in sources.items()}}))
+    for name, fitted in sources.items():
+        model.prefix_bank.mixtures[name].source_kv.copy_(torch.stack(list(fitted.values())))
+    bank, base_bank = model.prefix_bank, base_model.prefix_bank
     for name in base_layout.prefixes:
-        model.prefix_bank.encoders[name] = base_model.prefix_bank.encoders[name]
+        bank.encoders[name] = base_bank.encoders[name].requires_grad_(False)
+    for name in base_layout.mixtures:
+        bank.mixtures[name] = base_bank.mixtures[name].requires_grad_(False)
     for name in base.task_names:
         model.heads[name].requires_grad_(False)
-    for name in base_layout.prefixes:
-        model.prefix_bank.encoders[name].requires_grad_(False)
     return model
+
+
+def transfer_setting(experiment: ExperimentConfig, task: TaskType) -> str:
+    """How a new task's prefix starts: its task file's prefix.transfer, else the experiment's."""
+    return task.config.prefix.transfer or experiment.prefix.transfer
+
+
+def _mixture_sources(base: BaseRun, experiment: ExperimentConfig, tasks: list[TaskType], new_layout: PrefixLayout,
+                     num_layers: int) -> dict[str, dict[str, torch.Tensor]]:
+    """For each new prefix started as a mixture: every base prefix that fits it, its keys/values fitted."""
+    mixtures = {}
+    bank = base.loaded.model.prefix_bank
+    for task in tasks:
+        if transfer_setting(experiment, task) != "mixture":
+            continue
+        name = new_prefix_name(task.config.name)
+        config = new_layout.prefixes[name]
+        layers = resolve_layers(config.layers, num_layers)
+        fitted = {}
+        for source in base.prefix_names:
+            try:
+                fitted[source] = source_key_values(bank.encoders[source], layers, config.length, source)
+            except ConfigError as error:
+                log.info("mixture for %s: source %s left out: %s", task.config.name, source, error)
+        if not fitted:
+            raise ConfigError(f"task {task.config.name}: prefix.transfer mixture: no prefix of base {base.run_dir} "
+                              f"fits a {config.length}-token prefix in layers {list(layers)}")
+        log.info("mixture for %s: sources %s", task.config.name, ", ".join(fitted))
+        mixtures[name] = fitted
+    return mixtures
 
 
 def grown_tasks_meta(base: BaseRun, new_tasks_meta: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -21,9 +21,10 @@ from multitask.inference.device import autocast
 from multitask.model import ModelInputs, MultiTaskModel
 from multitask.prefix.adapt import adapt_key_values
 from multitask.prefix.encoder import PrefixEncoder
+from multitask.prefix.mixture import input_summary
 
 log = logging.getLogger(__name__)
-FRESH = "none"
+FRESH, MIXTURE = "none", "mixture"
 # The held-back share of the training inputs that scores the candidates of `auto` (at most HELD_MAX inputs).
 HELD_SHARE, HELD_MAX = 0.2, 256
 
@@ -42,11 +43,12 @@ class TransferChoice:
                 "skipped": self.skipped}
 
 
-def source_key_values(source: PrefixEncoder, target: PrefixEncoder, name: str) -> torch.Tensor:
-    """A base prefix's keys/values fitted to the new prefix (ConfigError when it cannot be)."""
+def source_key_values(source: PrefixEncoder, layers: tuple[int, ...], length: int, name: str) -> torch.Tensor:
+    """A base prefix's keys/values fitted to a new prefix of ``length`` tokens in ``layers`` (ConfigError when it
+    cannot be)."""
     with torch.no_grad():
         kv = source().detach().float().cpu()
-    return adapt_key_values(kv, source.layers, target.layers, target.length, name)
+    return adapt_key_values(kv, source.layers, layers, length, name)
 
 
 def candidates(model: MultiTaskModel, target_name: str, sources: list[str]) -> tuple[dict[str, torch.Tensor],
@@ -57,7 +59,7 @@ def candidates(model: MultiTaskModel, target_name: str, sources: list[str]) -> t
     fitted, skipped = {}, {}
     for name in sources:
         try:
-            fitted[name] = source_key_values(bank.encoders[name], target, name)
+            fitted[name] = source_key_values(bank.encoders[name], target.layers, target.length, name)
         except ConfigError as error:
             skipped[name] = str(error)
     return fitted, skipped
@@ -172,6 +174,10 @@ def start_prefix(
     """Set the new prefix ``target_name`` as ``setting`` says (none, a base prefix name, or auto)."""
     if setting == FRESH:
         return TransferChoice(setting, FRESH)
+    if setting == MIXTURE:  # the sources were fitted into the mixture when the model was built
+        sources = model.prefix_bank.layout.mixtures[target_name]
+        left_out = {n: "does not fit the new prefix" for n in base_prefixes if n not in sources}
+        return TransferChoice(setting, f"mixture of {', '.join(sources)}", skipped=left_out)
     if setting != "auto":
         if setting not in base_prefixes:
             raise ConfigError(f"task {runtime.name}: prefix.transfer {setting!r}: the base has no such prefix; its "
@@ -196,3 +202,20 @@ def start_prefix(
 
 def _device_of(model: MultiTaskModel, name: str) -> torch.device:
     return model.prefix_bank.encoders[name].embedding.device
+
+
+@torch.no_grad()
+def mean_mixing_weights(model: MultiTaskModel, runtime, target_name: str, split: str, pad_id: int,
+                        device: torch.device) -> dict[str, float]:
+    """The mixture's mean weight on each source (and on "no source") over a split's inputs."""
+    mixture = model.prefix_bank.mixtures[target_name]
+    features = runtime.features[split]
+    total = None
+    for start in range(0, len(features), 256):
+        batch = runtime.task.collate(features[start : start + 256], pad_id)
+        summary = input_summary(model.encoder.get_input_embeddings(), batch.input_ids.to(device),
+                                batch.attention_mask.to(device))
+        weights = mixture.weights(summary).sum(dim=0)
+        total = weights if total is None else total + weights
+    names = ["no source", *mixture.sources]
+    return {name: round(float(value) / max(len(features), 1), 4) for name, value in zip(names, total.tolist())}

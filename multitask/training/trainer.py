@@ -37,8 +37,10 @@ from multitask.training.checkpoint import (
     load_training_state, save_checkpoint, save_training_state, trainable_state,
 )
 from multitask.training.frozen_cache import FrozenLayerCache, evaluating
-from multitask.training.grow import build_grown_model, check_new_tasks, grown_tasks_meta, load_base, new_prefix_name
-from multitask.training.prefix_transfer import score_candidates, start_prefix
+from multitask.training.grow import (
+    build_grown_model, check_new_tasks, grown_tasks_meta, load_base, new_prefix_name, transfer_setting,
+)
+from multitask.training.prefix_transfer import mean_mixing_weights, score_candidates, start_prefix
 from multitask.training.optim import ProgressSchedule, build_optimizer
 from multitask.training.rng import restore_rng_state, rng_state, seed_everything
 from multitask.training.sampler import make_sampler
@@ -245,7 +247,7 @@ class Trainer:
         """Each new task's prefix starts as prefix.transfer says (the task file's setting first)."""
         choices = {}
         for runtime in self.tasks:
-            setting = runtime.task.config.prefix.transfer or self.experiment.prefix.transfer
+            setting = transfer_setting(self.experiment, runtime.task)
             tuning = self.tunings[runtime.name]
 
             def scorer(starts, runtime=runtime, tuning=tuning):
@@ -257,6 +259,19 @@ class Trainer:
                                   self.base.prefix_names, scorer)
             choices[runtime.name] = choice.describe()
         return choices
+
+    def _transfer_report(self, splits: list[str]) -> dict[str, dict[str, Any]]:
+        """How each new prefix started; for a mixture, its mean weight on each source over the evaluated split."""
+        report = {name: dict(choice) for name, choice in self.transfers.items()}
+        mixtures = self.model.prefix_bank.layout.mixtures
+        for runtime in self.tasks:
+            name = new_prefix_name(runtime.name)
+            split = next((s for s in splits if s in runtime.features), "train")
+            if name in mixtures and runtime.name in report:
+                report[runtime.name]["mixing_weights"] = {
+                    "split": split, "mean": mean_mixing_weights(self.model, runtime, name, split, self.pad_id,
+                                                                self.device)}
+        return report
 
     def _make_frozen_cache(self) -> FrozenLayerCache | None:
         settings = self.experiment.optimization.frozen_cache
@@ -600,7 +615,7 @@ class Trainer:
         })
         if self.base is not None:
             report.meta["base"] = self.base.identity()
-            report.meta["transfer"] = self.transfers
+            report.meta["transfer"] = self._transfer_report(splits)
         for runtime in self.tasks:
             task_results = results.get(runtime.name, {})
             for split, evaluation in task_results.items():

@@ -1,0 +1,136 @@
+"""Growing a trained model with little data: a new task's prefix started from the base's prefixes (prefix.transfer)
+against the prefix from scratch, LoRA and full fine-tuning, on the validation split.
+
+Every method trains the new task alone for the same number of steps (a LoRA or full fine-tuning step costs more
+than a prefix step, so equal steps give them more time than the prefix: the comparison leans their way) and keeps its
+best validation evaluation (each trained to its plateau). `auto`'s choice, made on held-back training data, is
+timed in the run's wall time. With --sweep every single base prefix is also tried as the source, to show what `auto`
+should find.
+
+    python bench/grow_transfer.py --base runs/demo --targets wnut17,bc5cdr,trec_coarse --sizes 100 --seeds 13
+
+Writes grow_transfer.json and grow_transfer.md (mean and spread per cell) under --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+# Prefix settings of each method: (method, prefix.transfer); lora and full_ft train without the base.
+METHODS = {"scratch": ("prefix", "none"), "auto": ("prefix", "auto"), "lora": ("lora", None),
+           "full_ft": ("full_ft", None)}
+
+
+def experiment(args, target: str, size: int, seed: int, method: str, transfer: str | None) -> dict:
+    config = {
+        "name": f"{target}-{size}-{method}-{seed}",
+        "method": method,
+        "tasks": [{"file": str(REPO / "tasks" / f"{target}.yaml"), "limit_train": size, "limit_eval": args.limit_eval,
+                   "batch_size": args.batch_size}],
+        "optimization": {"max_steps": args.steps},
+        "evaluation": {"every_steps": args.every, "batch_size": 64},
+        "seed": seed,
+        "precision": args.precision,
+    }
+    if transfer is not None:
+        config["base"] = str(Path(args.base).resolve())
+        config["prefix"] = {"transfer": transfer}
+    return config
+
+
+def train(config: dict, run_dir: Path) -> dict:
+    """Train in a fresh process (skipped when the run already finished); its report.json."""
+    if not (run_dir / "report.json").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "experiment.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        command = [sys.executable, "-m", "multitask", "train", str(run_dir / "experiment.yaml"), "--output-dir",
+                   str(run_dir), "--no-progress"]
+        if (run_dir / "state").exists():
+            command.append("--resume")
+        with open(run_dir / "stderr.log", "w", encoding="utf-8") as log:
+            if subprocess.run(command, stdout=subprocess.DEVNULL, stderr=log, check=False).returncode != 0:
+                raise SystemExit(f"run failed: see {run_dir / 'stderr.log'}")
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def best_validation(report: dict) -> tuple[float, int]:
+    """The best validation score along the run (its plateau) and the step it was reached at."""
+    (task,) = report["tasks"].values()
+    history = [(value, step) for step, split, value in task["metric_history"] if split == "validation"]
+    value, step = max(history)
+    return 100.0 * value, step
+
+
+def summarise(values: list[float]) -> str:
+    """Mean ± standard deviation over seeds (one seed: its score)."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="the trained run to grow (configs/demo.yaml's run)")
+    parser.add_argument("--targets", default="wnut17,bc5cdr,trec_coarse")
+    parser.add_argument("--sizes", default="100")
+    parser.add_argument("--seeds", default="13")
+    parser.add_argument("--methods", default="scratch,auto,lora,full_ft")
+    parser.add_argument("--sweep", action="store_true", help="also start from each single base prefix")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--limit-eval", type=int, default=1000)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--output", default="runs/grow-transfer")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    output = Path(args.output)
+    base_meta = json.loads((Path(args.base) / "checkpoint" / "meta.json").read_text())
+    sources = [name for name in base_meta["prefix_layout"]["prefixes"]]
+    methods = {m: METHODS[m] for m in args.methods.split(",")}
+    if args.sweep:
+        methods.update({f"from {s}": ("prefix", s) for s in sources})
+    rows = []
+    for target in args.targets.split(","):
+        for size in map(int, args.sizes.split(",")):
+            for label, (method, transfer) in methods.items():
+                for seed in map(int, args.seeds.split(",")):
+                    run_dir = output / target / str(size) / label.replace(" ", "_") / str(seed)
+                    report = train(experiment(args, target, size, seed, method, transfer), run_dir)
+                    score, step = best_validation(report)
+                    transfer_meta = report["meta"].get("transfer", {})
+                    chosen = next(iter(transfer_meta.values()), {}).get("source")
+                    rows.append({"target": target, "size": size, "method": label, "seed": seed, "best": score,
+                                 "best_step": step, "wall_time_s": report["meta"]["wall_time_s"],
+                                 "train_time_s": report["meta"]["train_time_s"], "source": chosen})
+                    print(f"{target} {size} {label} seed {seed}: best validation {score:.2f} at step {step}"
+                          f"{f' (auto chose {chosen})' if label == 'auto' else ''}; "
+                          f"{report['meta']['wall_time_s']:.0f} s", flush=True)
+    (output / "grow_transfer.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| target | examples | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
+    for target in args.targets.split(","):
+        for size in map(int, args.sizes.split(",")):
+            cells = []
+            for label in methods:
+                scores = [r["best"] for r in rows if (r["target"], r["size"], r["method"]) == (target, size, label)]
+                cells.append(summarise(scores))
+            lines.append(f"| {target} | {size} | " + " | ".join(cells) + " |")
+    choices = [f"{r['target']} {r['size']} seed {r['seed']}: {r['source']}" for r in rows if r["method"] == "auto"]
+    text = "\n".join(lines) + "\n\nauto chose: " + "; ".join(choices) + "\n"
+    (output / "grow_transfer.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
