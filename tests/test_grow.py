@@ -322,3 +322,17 @@ def test_a_grown_mixture_run_grows_again_unchanged(project, mixed):
         a = again.model(ModelInputs.of_task(batch, again.model.task_id("qa")))["qa"][0]
         b = before.model(ModelInputs.of_task(batch, before.model.task_id("qa")))["qa"][0]
     assert torch.equal(a, b)
+
+
+def test_a_head_starts_from_a_base_head_with_the_same_labels(project, bases, capsys):
+    config = write_grow_config(project, bases["per_task"], name="head", tasks="cls", transfer="task_cls")
+    overrides = ["tasks.0.overrides.name=cls_b", "tasks.0.overrides.head.transfer_from=cls"]
+    trainer = Trainer(load_config(ExperimentConfig, config, overrides), project / "runs" / "head", config_path=config,
+                      progress=False)
+    ours, theirs = trainer.model.heads["cls_b"].state_dict(), load_run(bases["per_task"]).model.heads["cls"].state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert trainer.transfers["cls_b"]["head_from"] == "cls"
+    wrong = ["tasks.0.overrides.name=cls_c", "tasks.0.overrides.head.transfer_from=ner"]
+    assert main(["train", str(config), "--output-dir", str(project / "runs" / "head-wrong"), "--no-progress",
+                 *(f"--set={item}" for item in wrong)]) == 2
+    assert "head.transfer_from 'ner': that head is a ner head over labels" in capsys.readouterr().err

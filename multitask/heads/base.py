@@ -29,6 +29,11 @@ class HeadConfig:
         default=None, metadata={"help": "Add one Tanh hidden layer of this width before the output layer."}
     )
     lr: float | None = field(default=None, metadata={"help": "Learning rate of this head (default: the task type's)."})
+    transfer_from: str | None = field(
+        default=None,
+        metadata={"help": "Growing a model (experiment base:): start this head from the base task of that name, "
+                  "which must have the same type, labels and head settings (e.g. a second sentiment dataset)."},
+    )
 
 
 def output_layers(config: HeadConfig, in_features: int, out_features: int) -> torch.nn.Sequential:

@@ -236,3 +236,28 @@ def remove_task(run_dir: Path, task: str, output_dir: Path) -> Path:
     written = write_checkpoint(Path(output_dir), state, new_meta)
     log.info("wrote %s without task %s (prefixes left out: %s)", written, task, ", ".join(dropped) or "none")
     return written
+
+
+def start_head_from_base(model: MultiTaskModel, base: BaseRun, task: TaskType) -> str | None:
+    """Copy the base head that ``head.transfer_from`` names into the new task's head; the base task's name, or None.
+    Refused in one line unless both tasks have the same type, labels and head shape."""
+    source = task.config.head.transfer_from
+    if source is None:
+        return None
+    name = task.config.name
+    if source not in base.loaded.tasks:
+        raise ConfigError(f"task {name}: head.transfer_from {source!r}: no such task in base {base.run_dir}; its "
+                          f"tasks: {', '.join(base.task_names)}")
+    theirs = base.loaded.tasks[source]
+    if theirs.config.type != task.config.type or list(theirs.labels) != list(task.labels):
+        raise ConfigError(f"task {name}: head.transfer_from {source!r}: that head is a {theirs.config.type} head "
+                          f"over labels {theirs.labels}, this task is {task.config.type} over {task.labels}; a head "
+                          f"starts from another only with the same type and labels")
+    state = base.loaded.model.heads[source].state_dict()
+    ours = model.heads[name].state_dict()
+    if state.keys() != ours.keys() or any(state[k].shape != ours[k].shape for k in state):
+        raise ConfigError(f"task {name}: head.transfer_from {source!r}: the heads differ in shape (head settings "
+                          f"such as hidden_size or pooling); give both the same head settings")
+    model.heads[name].load_state_dict(state)
+    log.info("head %s starts from base head %s", name, source)
+    return source

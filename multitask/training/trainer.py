@@ -38,7 +38,8 @@ from multitask.training.checkpoint import (
 )
 from multitask.training.frozen_cache import FrozenLayerCache, evaluating
 from multitask.training.grow import (
-    build_grown_model, check_new_tasks, grown_tasks_meta, load_base, new_prefix_name, transfer_setting,
+    build_grown_model, check_new_tasks, grown_tasks_meta, load_base, new_prefix_name, start_head_from_base,
+    transfer_setting,
 )
 from multitask.training.prefix_transfer import mean_mixing_weights, score_candidates, start_prefix
 from multitask.training.optim import ProgressSchedule, build_optimizer
@@ -244,7 +245,9 @@ class Trainer:
                                   f"(checkpoint checksum {now}, was {started_on}); start the run afresh")
 
     def _start_new_prefixes(self) -> dict[str, dict[str, Any]]:
-        """Each new task's prefix starts as prefix.transfer says (the task file's setting first)."""
+        """Each new task's prefix starts as prefix.transfer says (the task file's setting first), and its head from
+        a base head where head.transfer_from names one (after auto's scoring, which starts every candidate from
+        the same head)."""
         choices = {}
         for runtime in self.tasks:
             setting = transfer_setting(self.experiment, runtime.task)
@@ -257,7 +260,8 @@ class Trainer:
 
             choice = start_prefix(self.model, runtime, new_prefix_name(runtime.name), setting,
                                   self.base.prefix_names, scorer)
-            choices[runtime.name] = choice.describe()
+            choices[runtime.name] = {**choice.describe(),
+                                     "head_from": start_head_from_base(self.model, self.base, runtime.task)}
         return choices
 
     def _transfer_report(self, splits: list[str]) -> dict[str, dict[str, Any]]:
