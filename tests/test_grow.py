@@ -37,15 +37,15 @@ def write_base_config(project: Path, mode: str) -> Path:
 
 
 def write_grow_config(project: Path, base: Path, name: str = "grown", tasks: str = "qa", transfer: str = "auto",
-                      extra: str = "") -> Path:
-    encoder = project / "encoder"
+                      extra: str = "", encoder: bool = True) -> Path:
+    """A growing experiment; ``encoder``: name the base's encoder (else the section is left out, as users may)."""
+    encoder_line = f"encoder: {{name: {project / 'encoder'}}}\n" if encoder else ""
     entries = "\n".join(f"  - {{file: ../tasks/{task}.yaml, batch_size: 4}}" for task in tasks.split(","))
     path = project / "configs" / f"{name}.yaml"
     path.write_text(f"""
 name: {name}
 base: {base}
-encoder: {{name: {encoder}}}
-tasks:
+{encoder_line}tasks:
 {entries}
 prefix: {{transfer: {transfer}, transfer_steps: 3, prefix: {{length: 4}}}}
 optimization: {{max_steps: 6, prefix_lr: 0.01, head_lr: 0.01, warmup_ratio: 0.0}}
@@ -217,7 +217,9 @@ def test_remove_keeps_every_other_task_bit_identical(project, grown, mode, capsy
 
 
 def test_a_grown_run_grows_again(project, bases, grown):
-    config = write_grow_config(project, grown["per_task"], name="again", tasks="cls", transfer="task_qa")
+    # No encoder section: a grown run takes its base's encoder (and tokenizer), and saves it as its own.
+    config = write_grow_config(project, grown["per_task"], name="again", tasks="cls", transfer="task_qa",
+                               encoder=False)
     overrides = ["tasks.0.overrides.name=cls2"]
     train(config, project / "runs" / "again", overrides)
     twice, once = load_run(project / "runs" / "again"), load_run(grown["per_task"])
@@ -228,6 +230,7 @@ def test_a_grown_run_grows_again(project, bases, grown):
     assert twice.predict("qa", qa) == once.predict("qa", qa)
     meta = json.loads((project / "runs" / "again" / "checkpoint" / "meta.json").read_text())
     assert meta["base"]["tasks"] == ["cls", "ner", "qa"]
+    assert meta["experiment"]["encoder"]["name"] == str(project / "encoder")
 
 
 def test_a_grown_run_resumes_exactly(project, bases):

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from multitask.backbone import encoder_shape
+from multitask.config import from_dict
 from multitask.errors import ConfigError
 from multitask.experiment import ExperimentConfig
 from multitask.inference.loading import LoadedCheckpoint, load_checkpoint_model
@@ -32,7 +33,7 @@ from multitask.prefix.bank import SHARED, PrefixLayout, plan_layout
 from multitask.prefix.config import resolve_layers
 from multitask.runtime import build_heads, prefix_requests
 from multitask.tasks.base import TaskType
-from multitask.training.checkpoint import checkpoint_dir, read_checkpoint, write_checkpoint
+from multitask.training.checkpoint import checkpoint_dir, read_checkpoint, read_meta, write_checkpoint
 from multitask.training.prefix_transfer import source_key_values
 from multitask.tuning import TaskTuning
 from multitask.utils.atomic import ensure_writable
@@ -73,8 +74,9 @@ def resolve_base_dir(base: str, config_path: Path | None) -> Path:
                       f"{', '.join(str(c / 'checkpoint') for c in candidates)})")
 
 
-def load_base(experiment: ExperimentConfig, config_path: Path | None, encoder=None) -> BaseRun:
-    """The base run of a growing experiment, checked against what growing needs."""
+def on_base_encoder(experiment: ExperimentConfig, config_path: Path | None) -> ExperimentConfig:
+    """A growing experiment checked against its base, with the base's encoder settings (a grown run uses its base's
+    encoder and tokenizer, whatever the experiment's encoder section says when left at its default)."""
     source = f"{config_path or '<config>'}"
     run_dir = resolve_base_dir(experiment.base, config_path)
     if experiment.method != "prefix":
@@ -82,14 +84,24 @@ def load_base(experiment: ExperimentConfig, config_path: Path | None, encoder=No
     if experiment.prefix.init_from:
         raise ConfigError(f"{source}: base and prefix.init_from exclude each other; a grown run starts from its "
                           f"base (prefix.transfer says how)")
-    meta, _ = read_checkpoint(run_dir)
-    if meta.get("method") != "prefix":
-        raise ConfigError(f"{source}: base {run_dir} was trained with method {meta.get('method')}; only a prefix "
-                          f"run can grow (its encoder must stay frozen and shared)")
+    meta = read_meta(checkpoint_dir(run_dir))
+    if meta["method"] != "prefix":
+        raise ConfigError(f"{source}: base {run_dir} was trained with method {meta['method']}; only a prefix run can "
+                          f"grow (its encoder must stay frozen and shared)")
     default_encoder = type(experiment.encoder)().name
     if experiment.encoder.name not in (default_encoder, meta["encoder"]["name"]):
         raise ConfigError(f"{source}: encoder.name {experiment.encoder.name!r} differs from the base's "
                           f"{meta['encoder']['name']!r}; a grown run uses its base's encoder (leave encoder out)")
+    base_encoder = from_dict(type(experiment.encoder), meta["experiment"]["encoder"],
+                             source=str(checkpoint_dir(run_dir) / "meta.json"), path="experiment.encoder")
+    return replace(experiment, encoder=base_encoder)
+
+
+def load_base(experiment: ExperimentConfig, config_path: Path | None, encoder=None) -> BaseRun:
+    """The base run of a growing experiment (checked by :func:`on_base_encoder`), its model loaded on ``encoder``
+    (default: the base's own)."""
+    run_dir = resolve_base_dir(experiment.base, config_path)
+    meta, _ = read_checkpoint(run_dir)
     loaded = load_checkpoint_model(run_dir, encoder)
     log.info("growing %s (%s): tasks %s, prefixes %s", run_dir, checkpoint_dir(run_dir) / "model.safetensors",
              ", ".join(loaded.tasks), ", ".join(loaded.model.prefix_bank.encoders))

@@ -38,8 +38,8 @@ from multitask.training.checkpoint import (
 )
 from multitask.training.frozen_cache import FrozenLayerCache, evaluating
 from multitask.training.grow import (
-    build_grown_model, check_new_tasks, grown_tasks_meta, load_base, new_prefix_name, start_head_from_base,
-    transfer_setting,
+    build_grown_model, check_new_tasks, grown_tasks_meta, load_base, new_prefix_name, on_base_encoder,
+    start_head_from_base, transfer_setting,
 )
 from multitask.training.prefix_transfer import mean_mixing_weights, score_candidates, start_prefix
 from multitask.training.optim import ProgressSchedule, build_optimizer
@@ -141,6 +141,8 @@ class Trainer:
         self, experiment: ExperimentConfig, run_dir: Path, config_path: Path | None = None, resume: bool = False,
         encoder=None, tokenizer=None, progress: bool = True, on_step: Callable[[int], None] | None = None,
     ) -> None:
+        if experiment.base:  # checked against the base first; its encoder is the run's
+            experiment = on_base_encoder(experiment, config_path)
         self.experiment, self.run_dir, self.resume = experiment, Path(run_dir), resume
         self.progress, self.on_step = progress, on_step
         preparation_started = time.perf_counter()
