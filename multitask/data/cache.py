@@ -34,6 +34,7 @@ import numpy as np
 
 from multitask.utils import faults
 from multitask.utils.atomic import atomic_path, remove_stale_temporaries
+from multitask.utils.readback import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ FORMAT_VERSION = 2  # version 1 was a pickle (<key>.pkl), which is never read
 SUFFIX = ".npz"
 LEGACY_SUFFIX = ".pkl"
 META = "meta"
-_UNREADABLE = (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, RecursionError,
+# RuntimeError: zipfile raises it (NotImplementedError among them) for header bits a damaged entry may hold: an
+# unknown compression method or zip version, an encryption flag.
+_UNREADABLE = (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, RuntimeError,
                zipfile.BadZipFile, zlib.error)
 # A temporary cache file not written to for this long belongs to a killed write.
 STALE_WRITE_SECONDS = 3600.0
@@ -151,8 +154,9 @@ def encode_features(features: Any) -> dict[str, np.ndarray]:
 
 def decode_features(arrays: Any) -> list[Any]:
     """Features from ``encode_features`` arrays (a mapping); ValueError when they are not exactly that."""
-    meta = json.loads(_array(arrays, META, "u", 1).tobytes())
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+    meta = parse_json(_array(arrays, META, "u", 1).tobytes(), f"array {META!r}", "feature cache index",
+                      error=ValueError)  # a miss, as any damage here
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"not a {FORMAT} v{FORMAT_VERSION} entry")
     kind_names, schemas = meta.get("kinds"), meta.get("schemas")
     if not isinstance(kind_names, list) or not isinstance(schemas, dict) or set(kind_names) != set(schemas) \

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from multitask.reporting.model import (
     report_to_json,
 )
 from multitask.utils.atomic import write_json, write_text
+from multitask.utils.readback import read_json_file, require_shape
 
 __all__ = [
     "RunReport",
@@ -45,12 +45,17 @@ def write_reports(report: RunReport, out_dir: str | os.PathLike, prefix: str = "
     return paths
 
 
+# What ``report_from_json`` indexes; the values inside are checked as they are converted.
+REPORT_SHAPE = {"tasks": {str: {"type": str, "main_metric": str, "metrics": {str: dict}}}}
+
+
 def load_report(path: str | os.PathLike) -> RunReport:
-    """Read a ``report.json`` back; a missing or malformed file raises DataError naming it."""
+    """Read a ``report.json`` back; a missing or malformed file raises DataError naming it (one line)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = read_json_file(path, "report", error=DataError)
+        require_shape(data, REPORT_SHAPE, str(path), "report", error=DataError)
         return report_from_json(data)
     except OSError as exc:
         raise DataError(f"{path}: cannot read report ({exc.strerror or exc})") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         raise DataError(f"{path}: not a valid report ({type(exc).__name__}: {exc})") from None

@@ -20,10 +20,12 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from multitask.errors import CheckpointError
 from multitask.experiment import FrozenCacheConfig
 from multitask.model import MultiTaskModel
 from multitask.tasks.base import Feature
 from multitask.utils.atomic import write_json
+from multitask.utils.readback import read_json_file
 
 log = logging.getLogger(__name__)
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -83,15 +85,36 @@ class DiskStore:
         self.capacity = fits
         folder.mkdir(parents=True, exist_ok=True)
         shape = (int(self.offsets[fits]), hidden)
-        self.states = self._open(folder / "states.npy", NUMPY_DTYPES[dtype], shape)
-        self.filled = self._open(folder / "filled.npy", np.uint8, (fits,))
-        if not (folder / "meta.json").exists():
-            write_json(folder / "meta.json", {"inputs": len(lengths), "stored_inputs": fits, "dtype": dtype,
-                                              "hidden": hidden})
+        description = {"inputs": len(lengths), "stored_inputs": fits, "dtype": dtype, "hidden": hidden}
+        reuse = self._vouched(folder / "meta.json", description)
+        self.states = self._open(folder / "states.npy", NUMPY_DTYPES[dtype], shape, reuse)
+        self.filled = self._open(folder / "filled.npy", np.uint8, (fits,), reuse)
+        # Rewritten only after the arrays started afresh: a kill in between leaves the old (damaged or other)
+        # description, so the next run starts them afresh again.
+        if not reuse or not (folder / "meta.json").exists():
+            write_json(folder / "meta.json", description)
 
     @staticmethod
-    def _open(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
-        if path.exists():
+    def _vouched(meta: Path, description: dict[str, Any]) -> bool:
+        """Whether the arrays beside ``meta`` may be reused. A meta.json that is damaged, or describes other arrays,
+        cannot vouch for them, so they start afresh: that costs a recomputation, while states of unknown origin
+        could silently train on wrong inputs. None at all (a run killed before writing it) is as before: the
+        arrays are reused when their shape and dtype fit, since an input's flag is set only after its states."""
+        if not meta.exists():
+            return True
+        try:
+            saved = read_json_file(meta, "frozen-cache description")
+        except CheckpointError as error:
+            log.warning("%s; starting that frozen cache afresh", error)
+            return False
+        if saved != description:
+            log.warning("frozen cache %s describes other arrays than %s; starting it afresh", meta, description)
+            return False
+        return True
+
+    @staticmethod
+    def _open(path: Path, dtype, shape: tuple[int, ...], reuse: bool) -> np.memmap:
+        if path.exists() and reuse:
             try:
                 array = np.load(path, mmap_mode="r+")
                 if array.shape == shape and array.dtype == dtype:

@@ -48,7 +48,8 @@ def parse_json(data: bytes, source: str, what: str, expected: type | None = dict
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except json.JSONDecodeError as exc:
         problem = "truncated JSON" if _cut_short(text, exc) else "invalid JSON"
-        raise _failure(error, source, what, f"{problem} ({exc.msg.removesuffix(' at')} at line {exc.lineno} column {exc.colno})", hint) from None
+        place = f"{exc.msg.removesuffix(' at')} at line {exc.lineno} column {exc.colno}"
+        raise _failure(error, source, what, f"{problem} ({place})", hint) from None
     except UnicodeEncodeError:
         raise _failure(error, source, what, "a string holds an unpaired surrogate escape (\\ud800-\\udfff)",
                        hint) from None
@@ -61,6 +62,7 @@ def parse_json(data: bytes, source: str, what: str, expected: type | None = dict
 
 def decode_text(data: bytes, source: str, what: str, *, error: type[Exception] = CheckpointError,
                 hint: str = "") -> str:
+    """``data`` (the content of ``source``) as UTF-8 text, which must hold more than whitespace."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
