@@ -77,14 +77,18 @@ class MultiTaskModel(nn.Module):
         heads: dict[str, nn.Module],
         layout: PrefixLayout | None,
         freeze_encoder: bool = True,
+        prefix_modules: tuple[dict, dict] | None = None,
     ) -> None:
+        """``prefix_modules``: the layout's prefix encoders and mixtures, already built (see PrefixBank)."""
         super().__init__()
         self.encoder = encoder
         self.task_names = list(heads)
+        self._task_ids = {task: index for index, task in enumerate(self.task_names)}
         self.heads = nn.ModuleDict(heads)
         shape = encoder_shape(encoder.config)
         self.prefix_bank = (
-            PrefixBank(layout, shape.num_layers, shape.num_heads, shape.head_dim) if layout is not None else None
+            PrefixBank(layout, shape.num_layers, shape.num_heads, shape.head_dim, prefix_modules)
+            if layout is not None else None
         )
         if self.prefix_bank is not None and self.prefix_bank.task_names != self.task_names:
             raise ValueError("prefix layout and heads must list the same tasks in the same order")
@@ -92,7 +96,7 @@ class MultiTaskModel(nn.Module):
             freeze(self.encoder)
 
     def task_id(self, task: str) -> int:
-        return self.task_names.index(task)
+        return self._task_ids[task]
 
     def frozen_below(self, task: str | None = None) -> int:
         """The lowest layer with a trainable prefix (of ``task``'s prefixes, or of any): nothing below it depends on

@@ -252,7 +252,8 @@ def test_tasks_health_metrics_and_openapi_pages(catalog, run):
         assert samples["multitask_batch_size_sum"] == 2 and samples["multitask_queue_depth"] == 0
 
         assert set(client.get("/openapi.json").json()["paths"]) == {
-            "/v1/predict", "/v1/analyze", "/v1/tasks", "/health", "/metrics"}
+            "/v1/predict", "/v1/analyze", "/v1/tasks", "/health", "/metrics", "/v1/admin/runs",
+            "/v1/admin/runs/{name}", "/v1/admin/reload"}
         assert client.get("/docs").status_code == 200
 
 

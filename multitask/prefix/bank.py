@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -182,33 +182,43 @@ class PrefixInputs:
         return tuple(None if kv is None else kv.layer(index) for kv in (self.joint, self.separate))
 
 
-class PrefixBank(nn.Module):
-    """Holds the named prefix encoders and assembles each example's prefix from its task."""
+# Depth plans kept per bank (one per set of tasks met in a batch): a server of thousands of tasks meets far more
+# sets than it can keep, so the least recently used are dropped.
+PLAN_CACHE_SIZE = 1024
 
-    def __init__(self, layout: PrefixLayout, num_layers: int, num_heads: int, head_dim: int) -> None:
+
+class PrefixBank(nn.Module):
+    """Holds the named prefix encoders and assembles each example's prefix from its task.
+
+    ``modules``: the layout's prefix encoders and mixtures, already built (a server assembling one bank from many
+    runs' trained prefixes); otherwise new ones are made."""
+
+    def __init__(self, layout: PrefixLayout, num_layers: int, num_heads: int, head_dim: int,
+                 modules: tuple[dict[str, PrefixEncoder], dict[str, PrefixMixture]] | None = None) -> None:
         super().__init__()
         self.layout = layout
         self.num_layers = num_layers
-        self._plans: dict[tuple, tuple[torch.Tensor, list, list[bool]]] = {}  # see _depth_plan
+        self._plans: OrderedDict[tuple, tuple[torch.Tensor, list, list[bool]]] = OrderedDict()  # see _depth_plan
         self.task_names = list(layout.task_prefixes)
-        self.encoders = nn.ModuleDict(
-            {name: PrefixEncoder(cfg, num_layers, num_heads, head_dim) for name, cfg in layout.prefixes.items()}
-        )
+        self._task_index = {task: index for index, task in enumerate(self.task_names)}
+        if modules is None:
+            encoders = {name: PrefixEncoder(cfg, num_layers, num_heads, head_dim)
+                        for name, cfg in layout.prefixes.items()}
+            mixtures = {name: PrefixMixture(list(sources), encoders[name].kv_shape, num_heads * head_dim)
+                        for name, sources in layout.mixtures.items()}
+        else:
+            encoders, mixtures = modules
+        self.encoders = nn.ModuleDict(encoders)
+        self.mixtures = nn.ModuleDict(mixtures)
         self.dropout = nn.Dropout(max((cfg.dropout for cfg in layout.prefixes.values()), default=0.0))
-        self.mixtures = nn.ModuleDict({name: PrefixMixture(list(sources), self.encoders[name].kv_shape,
-                                                           num_heads * head_dim)
-                                       for name, sources in layout.mixtures.items()})
+        # Fixed by the layout (a prefix's layers never change), and read on every forward: worked out once.
+        self.every_layer = all(len(encoder.layers) == num_layers for encoder in self.encoders.values())
 
     def task_index(self, task: str) -> int:
-        return self.task_names.index(task)
+        return self._task_index[task]
 
     def prefix_length(self, task: str) -> int:
         return sum(self.encoders[name].length for name in self.layout.task_prefixes[task])
-
-    @property
-    def every_layer(self) -> bool:
-        """Whether every prefix lives in every layer (the classic P-Tuning v2 layout)."""
-        return all(len(encoder.layers) == self.num_layers for encoder in self.encoders.values())
 
     def prefixed_layers(self, task: str | None = None) -> tuple[int, ...]:
         """The layers in which ``task`` (default: any task) has a prefix token."""
@@ -249,7 +259,11 @@ class PrefixBank(nn.Module):
         the positions each layer keeps (None: all of them), and whether every task sees all it keeps. It depends
         only on the layout and the tasks in the batch, so it is worked out once per set of tasks."""
         key = (tasks, longest, attention)
-        if key not in self._plans:
+        if key in self._plans:
+            self._plans.move_to_end(key)
+        else:
+            while len(self._plans) >= PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
             visible = [[row + [False] * (longest - len(row)) for row in self._layer_positions(task, attention)]
                        for task in tasks]
             columns, full = [], []

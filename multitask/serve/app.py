@@ -8,10 +8,13 @@ and the OpenAPI pages /docs and /openapi.json. Mistakes a client can make are an
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Iterator, Union
@@ -21,14 +24,15 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from multitask import __version__
 from multitask.errors import ConfigError, DataError, MultitaskError
 from multitask.serve.batcher import BatcherClosed, MicroBatcher, PredictFn, QueueFull
-from multitask.serve.catalog import Catalog, Item, UnknownTask, load_catalog
+from multitask.serve.catalog import Catalog, Item, UnknownTask, load_fleet
+from multitask.serve.fleet import Fleet, RunNameTaken, UnknownRun
 from multitask.serve.limits import BodySizeLimit, Limits
 from multitask.serve.metrics import CONTENT_TYPE, ServerMetrics
 
@@ -42,6 +46,8 @@ class ServeSettings:
     max_queue: int = 1024  # inputs waiting; beyond it requests are answered 503
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
+    admin_key: str | None = None  # enables /v1/admin/* (adding and removing runs live)
+    scan_seconds: float = 1.0  # how often the model store (--store) is scanned for new, changed or removed runs
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -53,9 +59,24 @@ class ServeSettings:
                               f"({self.limits.max_inputs}), or a request of --max-inputs inputs could never queue")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("--api-key is empty")
+        if self.admin_key is not None and not self.admin_key.strip():
+            raise ConfigError("--admin-key is empty")
+        if self.scan_seconds <= 0:
+            raise ConfigError(f"--scan-seconds must be > 0, got {self.scan_seconds}")
 
 
 # ---- request and response bodies (they make the OpenAPI page)
+ALL_SCORES = "Classification: give every label's probability (scores), not only the chosen label's (score)."
+PREDICTIONS = (
+    "One prediction per input, in order; each what run.predict gives. Every score is a probability in [0, 1]. "
+    "classification: {label, score: the label's softmax probability, scores: {label: probability} with all_scores}. "
+    "ner: {tokens, tags, entities: [{type, start, end (token indices, end exclusive), text, char_start, char_end "
+    "(into the input text; text inputs only, text == input[char_start:char_end]), score: the mean of the entity's "
+    "words' tag probabilities}]}; a text is split into words as the task was trained (per character for Chinese). "
+    "qa: {answer, start, end (characters in the context; -1 for no answer), score: the answer's probability under "
+    "one softmax over all candidate spans of all windows (and no answer, where allowed), logit: the start + end "
+    "logit sum}. multilabel: {labels, probabilities: each label's own sigmoid probability}."
+)
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     task: str = Field(description="A served task (GET /v1/tasks).", examples=["sst2"])
@@ -63,6 +84,7 @@ class PredictRequest(BaseModel):
                                           "a text or {text, text_pair} for classification, a text or {tokens} for "
                                           "ner, {question, context} for qa.",
                               examples=[["a gripping, funny film", {"text": "dull", "id": "r2"}]])
+    all_scores: StrictBool = Field(default=False, description=ALL_SCORES)
 
 
 ONE, MANY = "item", "items"  # tags of the two shapes of a predict body (pydantic puts them in error locations)
@@ -76,7 +98,7 @@ PredictBody = Annotated[
 
 class TaskPredictions(BaseModel):
     task: str = Field(description="The task as the request named it.")
-    predictions: list[dict[str, Any]] = Field(description="One prediction per input, in order.")
+    predictions: list[dict[str, Any]] = Field(description=PREDICTIONS)
 
 
 class PredictResponse(BaseModel):
@@ -88,10 +110,12 @@ class AnalyzeRequest(BaseModel):
     texts: list[str] = Field(examples=[["John Smith loved Paris."]])
     tasks: list[str] | None = Field(default=None, description="Tasks to run (default: every task that takes a "
                                                               "plain text, i.e. all but qa).")
+    all_scores: StrictBool = Field(default=False, description=ALL_SCORES)
 
 
 class AnalyzeResponse(BaseModel):
-    results: list[dict[str, dict[str, Any]]] = Field(description="Per text: {task: prediction}.")
+    results: list[dict[str, dict[str, Any]]] = Field(description="Per text: {task: prediction}, each as "
+                                                                 "/v1/predict gives it.")
 
 
 class TaskInfo(BaseModel):
@@ -128,9 +152,31 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
+class AddRunRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="A trained run's folder, as the server sees it.", examples=["runs/demo-plus-wnut"])
+    name: str | None = Field(default=None, description="The run's name here (default: its folder's name).")
+
+
+class RunChange(BaseModel):
+    run: str
+    tasks: list[str] = Field(description="The run's tasks as now named.")
+
+
+class ReloadResponse(BaseModel):
+    added: list[str]
+    replaced: list[str]
+    removed: list[str]
+    failed: list[str] = Field(description="Runs of the store that could not be loaded (the log says why).")
+
+
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse, "description": text} for code, text in (
     (401, "Missing or wrong API key."), (404, "Unknown task."), (413, "Request body too large."),
     (422, "Malformed request or input, or over a limit."), (503, "Queue full (retry later) or shutting down."))}
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse, "description": text} for code, text in (
+    (401, "Missing or wrong admin key."), (403, "Admin endpoints are off (no --admin-key)."),
+    (404, "Unknown run."), (409, "A run of that name is served already."),
+    (422, "The run cannot be served (the detail says why)."))}
 
 
 # Module-level: FastAPI resolves the dependency's (postponed) annotations in this module's namespace.
@@ -145,8 +191,10 @@ def http_errors() -> Iterator[None]:
         yield
     except HTTPException:
         raise
-    except UnknownTask as error:
+    except (UnknownTask, UnknownRun) as error:
         raise HTTPException(404, str(error)) from None
+    except RunNameTaken as error:
+        raise HTTPException(409, str(error)) from None
     except MultitaskError as error:
         raise HTTPException(422, str(error)) from None
     except QueueFull as error:
@@ -212,29 +260,59 @@ class RequestMetrics:
 
 
 # ---- the app
-def create_app(catalog: Catalog, settings: ServeSettings | None = None, predict: PredictFn | None = None) -> FastAPI:
-    """The server's app; ``predict`` replaces the catalog's model pass (tests inject a slow one)."""
+def predict_items(items: list[Item]) -> list[dict[str, Any]]:
+    """The batcher's model pass: each item is answered by the catalog it was parsed against."""
+    return items[0].catalog.predict(items) if items else []
+
+
+def create_app(served: Catalog | Fleet, settings: ServeSettings | None = None,
+               predict: PredictFn | None = None) -> FastAPI:
+    """The server's app over a fixed catalog, or a fleet whose runs change while it serves (a model store, admin
+    calls); ``predict`` replaces the model pass (tests inject a slow one)."""
     settings = settings or ServeSettings()
     limits = settings.limits
+    fleet = served if isinstance(served, Fleet) else None
+    current = (lambda: fleet.catalog) if fleet is not None else (lambda: served)
     endpoints: set[str] = set()  # filled once the routes exist
-    batcher: MicroBatcher[Item] = MicroBatcher(predict or catalog.predict, settings.max_batch, settings.max_wait_ms,
+    batcher: MicroBatcher[Item] = MicroBatcher(predict or predict_items, settings.max_batch, settings.max_wait_ms,
                                                settings.max_queue)
     metrics = ServerMetrics(settings.max_batch, lambda: batcher.depth, lambda: batcher.in_flight)
     batcher.on_batch = metrics.observe_batch
+    counters = fleet.counters if fleet is not None else None
+    metrics.watch_fleet(lambda: len(current().tasks), lambda: len(current().runs),
+                        lambda: counters.scans if counters else 0, lambda: counters.load_failures if counters else 0,
+                        lambda: counters.changes if counters else 0)
+    # Loading runs happens in a thread of its own: never on the event loop, never in the model's thread.
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="multitask-loader")
+
+    async def in_loader(function, *args):
+        return await asyncio.get_running_loop().run_in_executor(loader, function, *args)
+
+    async def watch_store() -> None:
+        while True:
+            await asyncio.sleep(settings.scan_seconds)
+            try:
+                await in_loader(fleet.sync_store)
+            except Exception:  # the store must never stop the server; the next scan tries again
+                log.exception("scanning the model store failed")
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         batcher.start()
+        watcher = asyncio.create_task(watch_store()) if fleet is not None and fleet.store is not None else None
         yield
+        if watcher is not None:
+            watcher.cancel()
         # uvicorn has stopped accepting connections and waited for the open ones; finish whatever is queued.
         await batcher.close()
+        loader.shutdown(wait=True)
 
     app = FastAPI(title="multitask serve", version=__version__, lifespan=lifespan,
                   description="Every task of the served runs on one frozen encoder; concurrent requests are "
                               "micro-batched across tasks and requests.",
                   middleware=[Middleware(RequestMetrics, metrics=metrics, endpoints=endpoints),
                               Middleware(BodySizeLimit, max_bytes=limits.max_request_bytes)])
-    app.state.batcher, app.state.metrics, app.state.catalog = batcher, metrics, catalog
+    app.state.batcher, app.state.metrics, app.state.fleet = batcher, metrics, fleet
 
     async def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
         given = credentials.credentials.encode() if credentials is not None else b""
@@ -244,15 +322,30 @@ def create_app(catalog: Catalog, settings: ServeSettings | None = None, predict:
 
     protected = [Depends(require_key)] if settings.api_key is not None else []
 
-    def bind(name: str, inputs: list[Any], where: str) -> list[Item]:
+    async def require_admin_key(
+            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+        if settings.admin_key is None or fleet is None:
+            raise HTTPException(403, "admin endpoints are off: start the server with --admin-key")
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if not secrets.compare_digest(given, settings.admin_key.encode()):
+            raise HTTPException(401, "missing or wrong admin key: send the header 'Authorization: Bearer <admin key>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    admin = [Depends(require_admin_key)]
+
+    def bind(name: str, inputs: list[Any], where: str, all_scores: bool) -> list[Item]:
         for index, raw in enumerate(inputs):
             limits.check_input(raw, f"{where}: inputs[{index}]")
         try:
-            return catalog.parse(name, inputs)
+            items = current().parse(name, inputs)
         except UnknownTask:
             raise
         except DataError as error:
             raise DataError(in_request(str(error), where)) from None
+        if all_scores:  # a flag on each example: the batcher mixes these items with other requests' in one pass
+            for item in items:
+                item.task.task.request_all_scores(item.example)
+        return items
 
     async def infer(items: list[Item]) -> list[dict[str, Any]]:
         outputs = await batcher.submit(items)
@@ -268,7 +361,7 @@ def create_app(catalog: Catalog, settings: ServeSettings | None = None, predict:
             limits.check_count(sum(len(r.inputs) for r in requests))
             wheres = [f"[{k}] task {r.task!r}" if isinstance(body, list) else f"task {r.task!r}"
                       for k, r in enumerate(requests)]
-            bound = [bind(r.task, r.inputs, where) for r, where in zip(requests, wheres)]
+            bound = [bind(r.task, r.inputs, where, r.all_scores) for r, where in zip(requests, wheres)]
             outputs = await infer([item for items in bound for item in items])
         results, start = [], 0
         for request, items in zip(requests, bound):
@@ -279,6 +372,7 @@ def create_app(catalog: Catalog, settings: ServeSettings | None = None, predict:
     @app.post("/v1/analyze", response_model=AnalyzeResponse, dependencies=protected, responses=ERRORS,
               summary="Run several tasks on each text")
     async def analyze_route(body: AnalyzeRequest) -> dict[str, Any]:
+        catalog = current()
         with http_errors():
             names = list(dict.fromkeys(body.tasks)) if body.tasks is not None else [
                 task.name for task in catalog.text_tasks()]
@@ -288,19 +382,48 @@ def create_app(catalog: Catalog, settings: ServeSettings | None = None, predict:
                     raise DataError(f"task {name!r} ({task.task.config.type}) needs a question and a context, not a "
                                     f"text: send it to /v1/predict")
             limits.check_count(len(body.texts) * len(names), f" ({len(body.texts)} texts x {len(names)} tasks)")
-            outputs = await infer([item for name in names for item in bind(name, body.texts, f"task {name!r}")])
+            outputs = await infer([item for name in names
+                                   for item in bind(name, body.texts, f"task {name!r}", body.all_scores)])
         count = len(body.texts)
         return {"results": [{name: outputs[t * count + i] for t, name in enumerate(names)} for i in range(count)]}
 
     @app.get("/v1/tasks", response_model=TasksResponse, dependencies=protected, responses=ERRORS,
              summary="The served runs and tasks: types, labels, input formats")
     async def tasks_route() -> dict[str, Any]:
-        return catalog.describe()
+        return current().describe()
 
     @app.get("/health", response_model=HealthResponse, summary="Liveness (no API key needed)")
     async def health_route() -> dict[str, Any]:
+        catalog = current()
         return {"status": "ok", "runs": list(catalog.runs), "tasks": len(catalog.tasks), "queue_depth": batcher.depth,
                 "in_flight": batcher.in_flight}
+
+    def run_change(name: str) -> dict[str, Any]:
+        return {"run": name, "tasks": [t.name for t in current().tasks.values() if t.run_name == name]}
+
+    @app.post("/v1/admin/runs", response_model=RunChange, dependencies=admin, responses=ADMIN_ERRORS,
+              status_code=201, summary="Serve one more run (admin)")
+    async def add_run_route(body: AddRunRequest) -> dict[str, Any]:
+        name = body.name or Path(body.path).name
+        with http_errors():
+            await in_loader(fleet.add, name, Path(body.path), "admin")
+        return run_change(name)
+
+    @app.delete("/v1/admin/runs/{name}", response_model=RunChange, dependencies=admin, responses=ADMIN_ERRORS,
+                summary="Stop serving a run (admin); requests in flight finish")
+    async def remove_run_route(name: str) -> dict[str, Any]:
+        removed = run_change(name)
+        with http_errors():
+            await in_loader(fleet.remove, name)
+        return removed
+
+    @app.post("/v1/admin/reload", response_model=ReloadResponse, dependencies=admin, responses=ADMIN_ERRORS,
+              summary="Scan the model store now (admin)")
+    async def reload_route() -> dict[str, Any]:
+        with http_errors():
+            if fleet.store is None:
+                raise ConfigError("this server has no model store to reload (start it with --store DIR)")
+            return await in_loader(fleet.sync_store)
 
     @app.get("/metrics", response_class=PlainTextResponse, dependencies=protected,
              summary="Prometheus metrics (text format)")
@@ -318,16 +441,17 @@ def create_app(catalog: Catalog, settings: ServeSettings | None = None, predict:
 
 
 def serve(runs: list[str], host: str = "127.0.0.1", port: int = 8080, settings: ServeSettings | None = None,
-          log_level: str = "info", graceful_timeout: int | None = 30, **load_options: Any) -> None:
-    """Load the runs (``load_options``: device, precision, batch_size, as :func:`load_run` takes them) and serve
-    them until SIGINT/SIGTERM; shutting down finishes the requests in flight first."""
+          log_level: str = "info", graceful_timeout: int | None = 30, store: Path | None = None,
+          **load_options: Any) -> None:
+    """Load the runs (``load_options``: device, precision, batch_size, as :func:`load_run` takes them) and those of
+    ``store``, and serve them until SIGINT/SIGTERM; shutting down finishes the requests in flight first."""
     import uvicorn
 
     settings = settings or ServeSettings()
-    catalog = load_catalog(runs, **load_options)
-    for name in catalog.runs:
-        log.info("run %s: %s", name, ", ".join(t.name for t in catalog.tasks.values() if t.run_name == name))
+    fleet = load_fleet(runs, store, **load_options)
+    log.info("serving %d tasks of %d runs%s", len(fleet.catalog.tasks), len(fleet.runs),
+             f"; watching the store {store} every {settings.scan_seconds:g} s" if store is not None else "")
     # log_config=None: uvicorn logs through the CLI's logging set-up, in the same format as the rest.
-    config = uvicorn.Config(create_app(catalog, settings), host=host, port=port, log_config=None,
+    config = uvicorn.Config(create_app(fleet, settings), host=host, port=port, log_config=None,
                             log_level=log_level, timeout_graceful_shutdown=graceful_timeout)
     uvicorn.Server(config).run()

@@ -1,7 +1,11 @@
-"""The runs one server holds, the public names of their tasks, and the model pass the batcher calls.
+"""The tasks one server holds at one moment, their public names, and the model pass the batcher calls.
 
-One run: its tasks keep their names (``cls``; ``tiny/cls`` is accepted too). Several runs: every task is named
-``run/task``. Runs served together share one encoder in memory, so each further task costs a prefix and a head.
+A catalog is a snapshot: every task of every run in it sits in one merged model (:mod:`multitask.serve.merge`), so
+any mix of tasks and runs takes one encoder pass. A server whose runs change builds a new catalog per change
+(:mod:`multitask.serve.fleet`); each parsed input keeps the catalog it was parsed against until it is answered.
+
+Names: every task is ``run/task``; a server of one run (and no store) names its tasks plainly (``cls``), and
+``run/task`` is accepted there too.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from typing import Any
 from multitask.backbone import is_legacy_fingerprint
 from multitask.config import from_dict
 from multitask.errors import ConfigError
-from multitask.run import TrainedRun, load_run
+from multitask.inference import InferenceEngine
+from multitask.run import TrainedRun
+from multitask.serve.merge import merged_engine, qualified
 from multitask.tasks.base import TaskType
 from multitask.tasks.config import TaskConfig
 from multitask.training.checkpoint import checkpoint_dir, read_meta
@@ -26,12 +32,17 @@ class UnknownTask(ConfigError):
     """A request names a task this server does not serve (answered 404)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ServedTask:
     name: str  # the public name
     run_name: str
     run: TrainedRun
     task_name: str  # its name inside the run
+
+    @property
+    def key(self) -> str:
+        """Its name in the merged model: ``run/task``."""
+        return qualified(self.run_name, self.task_name)
 
     @property
     def task(self) -> TaskType:
@@ -40,7 +51,7 @@ class ServedTask:
     @property
     def takes_text(self) -> bool:
         """Whether a plain text is a whole input (QA needs a question and a context)."""
-        return self.task_name in self.run.text_tasks()
+        return self.task.accepts_plain_text
 
     def describe(self) -> dict[str, Any]:
         task = self.task
@@ -49,34 +60,36 @@ class ServedTask:
                 "input_schema": type(task).input_schema}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Item:
-    """One parsed input bound to its task: what the batcher queues."""
+    """One parsed input bound to its task and to the catalog it was parsed against: what the batcher queues."""
 
     task: ServedTask
     example: Any
+    catalog: "Catalog"
 
 
 class Catalog:
-    """Served tasks by public name; ``predict`` is the batcher's model pass."""
+    """Served tasks by public name over one merged model; ``predict`` is the batcher's model pass."""
 
-    def __init__(self, tasks: list[ServedTask]) -> None:
+    def __init__(self, tasks: list[ServedTask], engine: InferenceEngine | None = None) -> None:
         self.tasks = {task.name: task for task in tasks}
         if len(self.tasks) != len(tasks):
             raise ConfigError("two served tasks have the same name")
         self.runs: dict[str, TrainedRun] = {}
         for task in tasks:
             self.runs.setdefault(task.run_name, task.run)
-        self._qualified = {f"{task.run_name}/{task.task_name}": task for task in tasks}
+        self._qualified = {task.key: task for task in tasks}
+        self.engine = engine if engine is not None or not self.runs else merged_engine(self.runs)
 
     @classmethod
-    def from_runs(cls, runs: dict[str, TrainedRun]) -> Catalog:
-        """Every task of every run: plain names for one run, ``run/task`` for several."""
+    def from_runs(cls, runs: dict[str, TrainedRun], plain: bool | None = None) -> Catalog:
+        """Every task of every run (``plain``: named without the run; default: when there is one run)."""
         for name in runs:
             if not name or "/" in name:
                 raise ConfigError(f"run name {name!r}: expected a non-empty name without '/'")
-        plain = len(runs) == 1
-        return cls([ServedTask(task if plain else f"{run_name}/{task}", run_name, run, task)
+        plain = len(runs) == 1 if plain is None else plain
+        return cls([ServedTask(task if plain else qualified(run_name, task), run_name, run, task)
                     for run_name, run in runs.items() for task in run.tasks])
 
     def resolve(self, name: str) -> ServedTask:
@@ -84,15 +97,17 @@ class Catalog:
         if task is not None:
             return task
         hint = ""
-        similar = [served for served in self.tasks if served.rsplit("/", 1)[-1] == name]
+        similar = [served for served in self.tasks if served.rsplit("/", 1)[-1] == name][:10]
         if similar:
             hint = f" (tasks are named run/task here: {', '.join(similar)})"
-        raise UnknownTask(f"task {name!r} is not served{hint}; served tasks: {', '.join(self.tasks)}")
+        served = list(self.tasks)
+        listed = ", ".join(served[:20]) + (f" and {len(served) - 20} more (GET /v1/tasks)" if len(served) > 20 else "")
+        raise UnknownTask(f"task {name!r} is not served{hint}; served tasks: {listed or 'none'}")
 
     def parse(self, name: str, inputs: list[Any]) -> list[Item]:
         """Items of one task's raw inputs; UnknownTask, or DataError naming the first malformed input."""
         task = self.resolve(name)
-        return [Item(task, example) for example in task.run.parse_inputs(task.task_name, inputs)]
+        return [Item(task, example, self) for example in task.run.parse_inputs(task.task_name, inputs)]
 
     def describe(self) -> dict[str, Any]:
         """GET /v1/tasks: the runs, and every task with its type, labels and input format."""
@@ -105,19 +120,28 @@ class Catalog:
         return [task for task in self.tasks.values() if task.takes_text]
 
     def predict(self, items: list[Item]) -> list[dict[str, Any]]:
-        """One prediction per item, in order: one (mixed-task) model pass per run among the items."""
-        by_run: dict[int, dict[str, list[int]]] = {}
-        runs: dict[int, TrainedRun] = {}
-        for index, item in enumerate(items):
-            runs[id(item.task.run)] = item.task.run
-            by_run.setdefault(id(item.task.run), {}).setdefault(item.task.task_name, []).append(index)
+        """One prediction per item, in order, from one mixed-task model pass over every run's tasks (items
+        parsed against an earlier catalog, while the runs changed, are answered by that catalog)."""
         results: list[Any] = [None] * len(items)
-        for key, tasks in by_run.items():
-            examples = {task: [items[i].example for i in indices] for task, indices in tasks.items()}
-            predictions = runs[key].predict_examples(examples)
-            for task, indices in tasks.items():
-                for index, prediction in zip(indices, predictions[task]):
-                    results[index] = prediction
+        by_catalog: dict[int, list[int]] = {}
+        for index, item in enumerate(items):
+            by_catalog.setdefault(id(item.catalog), []).append(index)
+        for indices in by_catalog.values():
+            catalog = items[indices[0]].catalog
+            for index, prediction in zip(indices, catalog._predict_own([items[i] for i in indices])):
+                results[index] = prediction
+        return results
+
+    def _predict_own(self, items: list[Item]) -> list[dict[str, Any]]:
+        by_task: dict[str, list[int]] = {}
+        for index, item in enumerate(items):
+            by_task.setdefault(item.task.key, []).append(index)
+        predictions = self.engine.predict({key: [items[i].example for i in indices]
+                                           for key, indices in by_task.items()})
+        results: list[Any] = [None] * len(items)
+        for key, indices in by_task.items():
+            for index, prediction in zip(indices, predictions[key]):
+                results[index] = prediction
         return results
 
 
@@ -170,8 +194,17 @@ def check_shareable(specs: list[RunSpec], metas: list[dict[str, Any]]) -> None:
 def load_catalog(specs: list[str], **load_options: Any) -> Catalog:
     """Load ``DIR`` / ``NAME=DIR`` runs onto one encoder (the later runs are checked against it by fingerprint);
     ``load_options`` go to :func:`load_run` (device, precision, batch_size)."""
-    if not specs:
-        raise ConfigError("give at least one run directory")
+    return load_fleet(specs, **load_options).catalog
+
+
+def load_fleet(specs: list[str], store: Path | None = None, **load_options: Any):
+    """The runs given (``DIR`` / ``NAME=DIR``), checked before anything loads, plus every run of ``store``."""
+    from multitask.serve.fleet import Fleet
+
+    if not specs and store is None:
+        raise ConfigError("give at least one run directory, or --store DIR")
+    if store is not None and not Path(store).is_dir():
+        raise ConfigError(f"--store {store}: not a folder (create it, then add runs to it)")
     parsed = [RunSpec.parse(spec) for spec in specs]
     metas = [_read_meta(spec.path) for spec in parsed]
     names = [spec.name or meta["experiment"]["name"] for spec, meta in zip(parsed, metas)]
@@ -179,11 +212,12 @@ def load_catalog(specs: list[str], **load_options: Any) -> Catalog:
     if repeated is not None:
         raise ConfigError(f"two runs are named {repeated!r}; name them apart with NAME=DIR")
     check_shareable(parsed, metas)
+    fleet = Fleet(load_options, Path(store) if store is not None else None)
     # The shared encoder is loaded by the first run that pools with it, so it has its pooler when any run needs it.
     order = sorted(range(len(parsed)), key=lambda i: not _needs_pooler(metas[i], parsed[i].path))
-    loaded: dict[int, TrainedRun] = {}
     for i in order:
-        first = loaded.get(order[0])
-        shared = {} if first is None else {"encoder": first.model.encoder, "tokenizer": first.tokenizer}
-        loaded[i] = load_run(parsed[i].path, **shared, **load_options)
-    return Catalog.from_runs({name: loaded[i] for i, name in enumerate(names)})
+        fleet.add(names[i], parsed[i].path, origin="command line", publish=False)
+    fleet.runs = {name: fleet.runs[name] for name in names}  # served in the order given
+    fleet.sync_store()
+    fleet.publish()
+    return fleet

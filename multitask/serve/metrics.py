@@ -92,6 +92,12 @@ class Gauge(Metric):
         yield self.name, {}, float(self.read())
 
 
+class ReadCounter(Gauge):
+    """A count kept elsewhere (the fleet's store scans, load failures), read when the metrics are scraped."""
+
+    kind = "counter"
+
+
 class Histogram(Metric):
     kind = "histogram"
 
@@ -155,6 +161,16 @@ class ServerMetrics:
                                            LATENCY_BUCKETS))
         add(Gauge("multitask_queue_depth", "Inputs waiting for a model pass.", queue_depth))
         add(Gauge("multitask_in_flight_inputs", "Inputs in the model pass now running.", in_flight))
+
+    def watch_fleet(self, tasks: Callable[[], float], runs: Callable[[], float], scans: Callable[[], float],
+                    failures: Callable[[], float], changes: Callable[[], float]) -> None:
+        """The served tasks and runs, and the model store's activity, as the fleet counts them."""
+        add = self.registry.add
+        add(Gauge("multitask_served_tasks", "Tasks served now.", tasks))
+        add(Gauge("multitask_served_runs", "Runs served now.", runs))
+        add(ReadCounter("multitask_store_scans_total", "Scans of the model store (--store).", scans))
+        add(ReadCounter("multitask_run_load_failures_total", "Runs of the store that could not be loaded.", failures))
+        add(ReadCounter("multitask_run_changes_total", "Runs added, replaced or removed while serving.", changes))
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
