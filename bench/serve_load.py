@@ -99,19 +99,28 @@ def serve_worker(args: argparse.Namespace) -> None:
 
     from multitask.run import load_run
     from multitask.serve import Catalog, ServeSettings, create_app
-    from multitask.serve.catalog import ServedTask
 
     common.setup(args)
     load = lambda: load_run(args.run_dir, device=args.device, batch_size=args.max_batch)  # noqa: E731
     run = load()
-    if args.serve_worker == "mixed":
-        catalog = Catalog.from_runs({run.name: run})
-    else:  # one whole model per task, the task's public name unchanged
-        copies = [run] + [load() for _ in range(len(run.tasks) - 1)]
-        catalog = Catalog([ServedTask(name, f"{name}-model", model, name) for name, model in zip(run.tasks, copies)])
+    catalog = Catalog.from_runs({run.name: run})
     settings = ServeSettings(args.max_batch, args.max_wait_ms, max_queue=max(1024, 4 * args.max_batch))
-    config = uvicorn.Config(create_app(catalog, settings), host="127.0.0.1", port=args.port, log_level="warning",
-                            access_log=False)
+    predict = None  # mixed: the catalog's one pass over every task
+    if args.serve_worker == "routed":  # one whole model per task: a micro-batch takes one pass per task in it
+        copies = {name: load() for name in run.tasks}
+
+        def predict(items):
+            by_task: dict[str, list[int]] = {}
+            for index, item in enumerate(items):
+                by_task.setdefault(item.task.task_name, []).append(index)
+            results: list[Any] = [None] * len(items)
+            for task, indices in by_task.items():
+                answers = copies[task].predict_examples({task: [items[i].example for i in indices]})[task]
+                for index, answer in zip(indices, answers):
+                    results[index] = answer
+            return results
+    config = uvicorn.Config(create_app(catalog, settings, predict=predict), host="127.0.0.1", port=args.port,
+                            log_level="warning", access_log=False)
     uvicorn.Server(config).run()
 
 
