@@ -125,7 +125,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     _setup_logging()
     run = _load_run(args)
-    count = predict_file(run, args.task, Path(args.input), Path(args.output))
+    count = predict_file(run, args.task, Path(args.input), Path(args.output), args.all_scores)
     print(f"{count} predictions written to {args.output}")
 
 
@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--task", required=True)
     predict.add_argument("--input", required=True)
     predict.add_argument("--output", required=True)
+    predict.add_argument("--all-scores", action="store_true",
+                         help="classification: give every label's probability (scores), not only the chosen one's")
     add_inference_options(predict)
     predict.set_defaults(func=cmd_predict)
 

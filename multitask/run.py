@@ -52,12 +52,17 @@ class TrainedRun:
             raise ConfigError(f"task {name!r} is not in run {self.run_dir}; its tasks: {', '.join(self.tasks)}")
         return self.tasks[name]
 
-    def parse_inputs(self, task_name: str, inputs: list[Any]) -> list[Any]:
-        """Examples of raw inputs; ConfigError for an unknown task, DataError naming the first malformed input."""
+    def parse_inputs(self, task_name: str, inputs: list[Any], all_scores: bool = False) -> list[Any]:
+        """Examples of raw inputs; ConfigError for an unknown task, DataError naming the first malformed input.
+        ``all_scores``: their predictions give every label's score (classification), not only the chosen one's."""
         task = self.task(task_name)
         if not isinstance(inputs, list):
             raise DataError(f"task {task_name!r}: inputs must be a list, got {type(inputs).__name__}")
-        return [task.example_from_raw(raw, index) for index, raw in enumerate(inputs)]
+        examples = [task.example_from_raw(raw, index) for index, raw in enumerate(inputs)]
+        if all_scores:
+            for example in examples:
+                task.request_all_scores(example)
+        return examples
 
     def predict_examples(self, examples: dict[str, list[Any]]) -> dict[str, list[dict[str, Any]]]:
         """Predictions for parsed examples of several tasks, in one mixed-task pass."""
@@ -65,23 +70,25 @@ class TrainedRun:
             self.task(name)
         return self.engine.predict(examples)
 
-    def predict_many(self, inputs: dict[str, list[Any]]) -> dict[str, list[dict[str, Any]]]:
+    def predict_many(self, inputs: dict[str, list[Any]], all_scores: bool = False) -> dict[str, list[dict[str, Any]]]:
         """Predictions for raw inputs of several tasks at once: {task: [input, ...]} -> {task: [prediction, ...]}."""
-        return self.predict_examples({name: self.parse_inputs(name, raw) for name, raw in inputs.items()})
+        return self.predict_examples({name: self.parse_inputs(name, raw, all_scores) for name, raw in inputs.items()})
 
-    def predict(self, task_name: str, inputs: list[Any]) -> list[dict[str, Any]]:
+    def predict(self, task_name: str, inputs: list[Any], all_scores: bool = False) -> list[dict[str, Any]]:
         """Predictions for raw inputs (text / text pairs, sentences or token lists, question + context)."""
-        return self.predict_many({task_name: inputs})[task_name]
+        return self.predict_many({task_name: inputs}, all_scores)[task_name]
 
     def text_tasks(self) -> list[str]:
         """The tasks that take a plain text as input (every type but QA, which needs a question and a context)."""
         return [name for name, task in self.tasks.items() if task.accepts_plain_text]
 
-    def analyze(self, texts: list[Any], tasks: list[str] | None = None) -> list[dict[str, Any]]:
+    def analyze(
+        self, texts: list[Any], tasks: list[str] | None = None, all_scores: bool = False
+    ) -> list[dict[str, Any]]:
         """Every requested task (default: every task that takes a plain text) for each text, in one mixed-task
         pass: one {task: prediction} per text."""
         names = self.text_tasks() if tasks is None else list(tasks)
-        predictions = self.predict_many({name: list(texts) for name in names})
+        predictions = self.predict_many({name: list(texts) for name in names}, all_scores)
         return [{name: predictions[name][i] for name in names} for i in range(len(texts))]
 
     def evaluate_split(self, task_name: str, examples: list[Any]) -> Evaluation:
@@ -128,10 +135,10 @@ def read_input_file(path: Path) -> list[Any]:
     return rows
 
 
-def predict_file(run: TrainedRun, task_name: str, input_path: Path, output_path: Path) -> int:
+def predict_file(run: TrainedRun, task_name: str, input_path: Path, output_path: Path, all_scores: bool = False) -> int:
     rows = read_input_file(input_path)
     try:
-        predictions = run.predict(task_name, rows)
+        predictions = run.predict(task_name, rows, all_scores)
     except DataError as error:
         raise DataError(f"{input_path}: {error}") from None
     write_jsonl(output_path, predictions)

@@ -15,6 +15,8 @@ from multitask.tasks.ner import IGNORE_INDEX, NerTask, TaggingExample
 from tests.tiny import tiny_encoder, tiny_tokenizer
 
 LABELS = ["B-LOC", "B-PER", "I-LOC", "I-PER", "O"]
+# An entity's score under one-hot logits of 1.0: each word's tag has probability e / (e + 4).
+ONE_HOT = pytest.approx(np.e / (np.e + len(LABELS) - 1))
 
 
 @pytest.fixture
@@ -107,8 +109,8 @@ def test_chinese_characters(tokenizer):
     (prediction,) = task.decode([sentence], features, gold_logits(task, [sentence], features))
     assert prediction["tags"] == sentence.tags
     assert prediction["entities"] == [
-        {"type": "LOC", "start": 0, "end": 2, "text": "北京"},
-        {"type": "LOC", "start": 3, "end": 5, "text": "中国"},
+        {"type": "LOC", "start": 0, "end": 2, "text": "北京", "score": ONE_HOT},
+        {"type": "LOC", "start": 3, "end": 5, "text": "中国", "score": ONE_HOT},
     ]
     assert task.score([sentence], [prediction]).scores["f1"] == 1.0
 
@@ -122,9 +124,9 @@ def test_invalid_i_tags_are_repaired(tokenizer):
     (prediction,) = task.decode([sentence], features, logits)
     assert prediction["tags"] == ["B-PER", "I-PER", "O", "B-PER", "B-LOC"]
     assert prediction["entities"] == [
-        {"type": "PER", "start": 0, "end": 2, "text": "john smith"},
-        {"type": "PER", "start": 3, "end": 4, "text": "paris"},
-        {"type": "LOC", "start": 4, "end": 5, "text": "london"},
+        {"type": "PER", "start": 0, "end": 2, "text": "john smith", "score": ONE_HOT},
+        {"type": "PER", "start": 3, "end": 4, "text": "paris", "score": ONE_HOT},
+        {"type": "LOC", "start": 4, "end": 5, "text": "london", "score": ONE_HOT},
     ]
     assert task.prediction_record(sentence, prediction)["tokens"] == sentence.tokens
 

@@ -93,8 +93,8 @@ def test_decode_english_answer_from_second_window(tokenizer):
     features = task.featurize([example()], tokenizer, training=False)
     prediction = task.decode([example()], features, logits_for(features, {1: features[1].target}))[0]
     assert prediction["answer"] == ANSWER
-    assert prediction["start"] == CONTEXT.index(ANSWER)
-    assert prediction["score"] == pytest.approx(10.0)
+    assert prediction["start"] == CONTEXT.index(ANSWER) and prediction["end"] == prediction["start"] + len(ANSWER)
+    assert prediction["logit"] == pytest.approx(10.0) and 0.0 < prediction["score"] <= 1.0
 
 
 def test_chinese_context_without_spaces(tokenizer):
@@ -103,7 +103,10 @@ def test_chinese_context_without_spaces(tokenizer):
     (feature,) = task.featurize([zh], tokenizer, training=True)
     assert tokens(tokenizer, feature, *feature.target) == ["北", "京"]
     prediction = task.decode([zh], [feature], logits_for([feature], {0: feature.target}))[0]
-    assert prediction == {"answer": "北京", "start": 0, "score": pytest.approx(10.0)}
+    # 36 candidate spans over 8 characters: (0, 1) scores 10, 8 spans share one peak (5), the other 27 score 0.
+    probability = np.exp(10) / (np.exp(10) + 8 * np.exp(5) + 27)
+    assert prediction == {"answer": "北京", "start": 0, "end": 2, "score": pytest.approx(probability),
+                          "logit": pytest.approx(10.0)}
 
 
 def test_byte_level_offsets_are_trimmed(bpe_tokenizer):
@@ -129,7 +132,7 @@ def test_n_best_respects_length_and_order(tokenizer, max_answer_length, expected
     prediction = task.decode([example()], [feature], [row])[0]
     start, end = (first + i for i in expected)
     assert prediction["answer"] == CONTEXT[feature.offsets[start][0] : feature.offsets[end][1]]
-    assert prediction["score"] == pytest.approx(row[start, 0] + row[end, 1])
+    assert prediction["logit"] == pytest.approx(row[start, 0] + row[end, 1])
 
 
 def test_score_matches_hand_computed_values():
@@ -178,7 +181,10 @@ def test_unanswerable_questions(tokenizer):
         row[0] = 6.0  # [CLS]: null score 12 in every window
     context_start = features[1].offsets.index(next(s for s in features[1].offsets if s is not None))
     logits[1][context_start, :] = 5.0  # best span scores 10
-    assert task.decode([unanswerable], features, logits)[0] == {"answer": "", "start": -1, "score": 12.0}
+    null = task.decode([unanswerable], features, logits)[0]
+    assert {k: null[k] for k in ("answer", "start", "end", "logit")} == {"answer": "", "start": -1, "end": -1,
+                                                                          "logit": 12.0}
+    assert 0.5 < null["score"] < 1.0  # no answer is a candidate of the softmax, and the likeliest
     lenient = make_task(allow_no_answer=True, no_answer_threshold=3.0)
     assert lenient.decode([unanswerable], features, logits)[0]["answer"] != ""
     assert make_task().decode([unanswerable], features, logits)[0]["answer"] != ""

@@ -62,6 +62,12 @@ def pad_features(features: Sequence[Feature], pad_id: int) -> tuple[torch.Tensor
     return ids, mask, types
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities over the last axis, shifted by the maximum so that no logit overflows."""
+    exponentials = np.exp(logits - logits.max(-1, keepdims=True))
+    return exponentials / exponentials.sum(-1, keepdims=True)
+
+
 class TaskType(ABC):
     """Base of every task type. Subclasses set the class attributes and implement the abstract stages."""
 
@@ -106,6 +112,11 @@ class TaskType(ABC):
     @abstractmethod
     def example_from_raw(self, raw: dict[str, Any], index: int) -> Any:
         """Build an unlabelled example from a prediction input (raw text in JSONL)."""
+
+    def request_all_scores(self, example: Any) -> None:
+        """Ask for every label's score in this example's prediction (``--all-scores``). A flag on the example, not on
+        the task: one model pass serves many requests, and each may ask or not. Types that always give every score
+        (multilabel) or have no labels ignore it."""
 
     # ---- labels
     def example_labels(self, example: Any) -> list[str]:

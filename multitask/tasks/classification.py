@@ -11,7 +11,7 @@ import torch
 from multitask.data.records import Record
 from multitask.errors import DataError
 from multitask.metrics import MetricResult, classification_metrics
-from multitask.tasks.base import TASK_TYPES, Feature, TaskType
+from multitask.tasks.base import TASK_TYPES, Feature, TaskType, softmax
 
 
 @dataclass
@@ -20,6 +20,7 @@ class TextExample:
     text: str
     text_pair: str | None = None
     label: Any = None  # a label string (classification) or a list of them (multi-label)
+    all_scores: bool = False  # predict every label's score, not only the chosen one's (TaskType.request_all_scores)
 
 
 TEXT_INPUT_SCHEMA: dict[str, Any] = {
@@ -91,6 +92,9 @@ class ClassificationTask(TaskType):
     def example_from_raw(self, raw: dict[str, Any], index: int) -> TextExample:
         return text_example_from_raw(raw, index, f"input line {index + 1}")
 
+    def request_all_scores(self, example: TextExample) -> None:
+        example.all_scores = True
+
     def example_labels(self, example: TextExample) -> list[str]:
         return [] if example.label is None else [example.label]
 
@@ -107,12 +111,15 @@ class ClassificationTask(TaskType):
         return torch.nn.functional.cross_entropy(logits.float(), targets)
 
     def decode(self, examples, features, logits: list[np.ndarray]) -> list[dict[str, Any]]:
+        """``score``: the chosen label's softmax probability; ``scores``: every label's, when the example asks."""
         predictions = []
-        for row in logits:
-            probabilities = np.exp(row - row.max())
-            probabilities /= probabilities.sum()
+        for example, row in zip(examples, logits):
+            probabilities = softmax(row)
             best = int(row.argmax())
-            predictions.append({"label": self.labels[best], "score": float(probabilities[best])})
+            prediction = {"label": self.labels[best], "score": float(probabilities[best])}
+            if example.all_scores:
+                prediction["scores"] = {label: float(p) for label, p in zip(self.labels, probabilities)}
+            predictions.append(prediction)
         return predictions
 
     def score(self, examples: list[TextExample], predictions: list[dict[str, Any]]) -> MetricResult:
@@ -128,6 +135,8 @@ class ClassificationTask(TaskType):
         if example.label is not None:
             row["gold"] = self.label_name(example.label)
         shown = {"label": self.label_name(prediction["label"])}
+        if "scores" in prediction:
+            shown["scores"] = {self.label_name(label): p for label, p in prediction["scores"].items()}
         if self.config.label_names:
             shown["label_id"] = prediction["label"]  # the label as in the data, beside its name
         return {**row, **prediction, **shown}

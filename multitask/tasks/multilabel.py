@@ -99,7 +99,8 @@ class MultiLabelTask(TaskType):
         return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
 
     def decode(self, examples, features, logits: list[np.ndarray]) -> list[dict[str, Any]]:
-        """Every label whose probability exceeds the threshold; possibly none."""
+        """Every label whose probability exceeds the threshold, possibly none; ``probabilities``: each label's own
+        sigmoid probability (they do not sum to 1: labels are independent)."""
         predictions = []
         for row in logits:
             probabilities = sigmoid(row)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -15,7 +16,8 @@ from multitask.data.records import Record
 from multitask.data.tag_schemes import split_tag, to_iob2
 from multitask.errors import ConfigError, DataError
 from multitask.metrics import MetricResult, ner_metrics
-from multitask.tasks.base import TASK_TYPES, Feature, TaskType
+from multitask.tasks.base import TASK_TYPES, Feature, TaskType, softmax
+from multitask.tasks.config import TaskConfig
 from multitask.tuning import TuningDefaults
 
 IGNORE_INDEX = -100  # target of special tokens and non-first subwords; cross-entropy skips it
@@ -26,30 +28,107 @@ _CJK_RANGES = (
     (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F),
 )
 
+WordSplit = Literal["auto", "punctuation", "characters", "whitespace"]
+
+# Words whose period belongs to them, as CoNLL-2003 tokenizes them ("Mr.", "Inc.", "vs."); single capital letters
+# (initials, "M.") keep theirs too. Words that often end a sentence ("no", "in") are left out on purpose.
+ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof st jr sr inc corp ltd co bros vs etc gen gov sen rep sgt capt col lt mt ft "
+    "jan feb mar apr aug sep sept oct nov dec calif fla".split()
+)
+# One CoNLL-style token at a time, first match wins. Letter-dot abbreviations (U.S., a.m.) and numbers with
+# separators (3.5, 1,000, 10:30) stay whole; so do currencies (US$), hyphenated and apostrophe words (German-born,
+# O'Brien, whose clitics are split off after) and S&P; any other mark is a token, a run of the same mark (..., --)
+# one token.
+_TOKEN = re.compile(r"""
+      [^\W\d_](?:\.[^\W\d_])+\.?
+    | \d+(?:[.,:/]\d+)+
+    | [A-Z]{1,3}\$
+    | \w+(?:[-'\u2019&]\w+)*
+    | ([^\w\s])\1*
+""", re.VERBOSE)
+# English clitics CoNLL splits off their word: Lee's -> Lee 's, don't -> do n't.
+_CLITIC = re.compile(r"(?i)(?:n['\u2019]t|['\u2019](?:s|re|m|ve|ll|d))$")
+
+
+@dataclass(frozen=True)
+class Word:
+    """A word of a raw text with its character span, so entities map back to the text exactly."""
+
+    text: str
+    start: int
+    end: int
+
+
+@dataclass
+class NerOptions:
+    word_split: WordSplit = field(default="auto", metadata={"help": (
+        "How raw prediction text becomes words: punctuation (CoNLL-style: punctuation apart, clitics 's and n't "
+        "split off, U.S., 3.5 and well-known kept whole), characters (one word per character, as Chinese NER data "
+        "is tagged), whitespace, or auto: characters when the text holds a CJK character, else punctuation. "
+        "Token-list inputs are kept as given.")})
+
 
 def is_cjk(char: str) -> bool:
     code = ord(char)
     return any(low <= code <= high for low, high in _CJK_RANGES)
 
 
-def split_words(text: str) -> list[str]:
-    """Raw prediction text into words: characters for CJK text (as CJK NER corpora are tagged), else whitespace."""
-    if any(is_cjk(char) for char in text):
-        return [char for char in text if not char.isspace()]
-    return text.split()
+def punctuation_words(text: str) -> list[Word]:
+    """CoNLL-style words (see ``_TOKEN``); an abbreviation takes its period, a clitic becomes a word of its own."""
+    words: list[Word] = []
+    position = 0
+    while (match := _TOKEN.search(text, position)) is not None:
+        start, end = match.span()
+        if text[end : end + 1] == "." and _keeps_period(match[0]):
+            end += 1
+        clitic = _CLITIC.search(text, start, end)
+        if clitic is not None and clitic.start() > start:
+            words.append(Word(text[start : clitic.start()], start, clitic.start()))
+            start = clitic.start()
+        words.append(Word(text[start:end], start, end))
+        position = end
+    return words
 
 
-def tag_entities(tokens: list[str], tags: list[str]) -> list[dict[str, Any]]:
+def _keeps_period(token: str) -> bool:
+    return token.lower() in ABBREVIATIONS or (len(token) == 1 and token.isupper())
+
+
+def split_words(text: str, how: WordSplit = "auto") -> list[Word]:
+    """Raw prediction text into words as the task's training data has them (``NerOptions.word_split``)."""
+    if how == "auto":
+        how = "characters" if any(map(is_cjk, text)) else "punctuation"
+    if how == "characters":
+        return [Word(char, i, i + 1) for i, char in enumerate(text) if not char.isspace()]
+    if how == "whitespace":
+        return [Word(m[0], m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+    return punctuation_words(text)
+
+
+def tag_entities(tokens: list[str], tags: list[str], confidences: Sequence[float] = (),
+                 text: str | None = None, spans: Sequence[tuple[int, int]] = ()) -> list[dict[str, Any]]:
     """Entity spans of valid IOB2 tags, in word offsets with an exclusive end.
 
-    Character-tokenized CJK sentences had no spaces between words, so entity texts get none back.
+    ``score``: the mean of the entity's words' tag probabilities (given ``confidences``, one per word). With the
+    raw ``text`` and the words' character ``spans``, an entity also carries ``char_start`` / ``char_end`` and its
+    text is that slice of the input. Otherwise its words are joined: character-tokenized CJK sentences had no spaces
+    between words, so entity texts get none back.
     """
     cjk_sentence = all(len(t) == 1 for t in tokens) and any(map(is_cjk, tokens))
     joiner = "" if cjk_sentence else " "
-    return [
-        {"type": kind, "start": start, "end": last + 1, "text": joiner.join(tokens[start : last + 1])}
-        for kind, start, last in get_entities(tags)
-    ]
+    entities = []
+    for kind, start, last in get_entities(tags):
+        entity: dict[str, Any] = {"type": kind, "start": start, "end": last + 1}
+        if text is not None:
+            char_start, char_end = spans[start][0], spans[last][1]
+            entity.update(text=text[char_start:char_end], char_start=char_start, char_end=char_end)
+        else:
+            entity["text"] = joiner.join(tokens[start : last + 1])
+        if confidences:
+            entity["score"] = float(np.mean(confidences[start : last + 1]))
+        entities.append(entity)
+    return entities
 
 
 @dataclass
@@ -57,6 +136,8 @@ class TaggingExample:
     guid: str
     tokens: list[str]
     tags: list[str] | None = None
+    text: str | None = None  # the raw text the tokens were split from (prediction inputs only)
+    spans: list[tuple[int, int]] | None = None  # each token's character span in ``text``
 
 
 @dataclass
@@ -99,7 +180,8 @@ class NerTask(TaskType):
     name = "ner"
     input_schema = {
         "oneOf": [
-            {"type": "string", "description": "the text (split into words on whitespace and punctuation)"},
+            {"type": "string", "description": "the text, split into words as the task's options.word_split says "
+                                              "(default: per character for CJK text, else words and punctuation)"},
             {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}, "id": {"type": "string"}}},
             {"type": "object", "required": ["tokens"], "properties": {
                 "tokens": {"type": "array", "items": {"type": "string"}}, "id": {"type": "string"}}},
@@ -112,6 +194,10 @@ class NerTask(TaskType):
     optional_fields = ("id",)
     metric_names = ("f1", "precision", "recall", "accuracy")
     default_main_metric = "f1"
+    options_type = NerOptions
+
+    def __init__(self, config: TaskConfig, options: NerOptions | None = None) -> None:
+        super().__init__(config, options if options is not None else NerOptions())
 
     def example_from_record(self, record: Record, index: int) -> TaggingExample:
         tokens = self.field_value(record, "tokens")
@@ -128,16 +214,18 @@ class NerTask(TaskType):
         )
 
     def example_from_raw(self, raw: dict[str, Any], index: int) -> TaggingExample:
-        """Prediction input: ``{"tokens": [...]}`` or ``{"text": ...}`` (a bare string is taken as the text)."""
+        """Prediction input: ``{"tokens": [...]}`` (kept as given) or ``{"text": ...}`` (split into words that keep
+        their character spans); a bare string is taken as the text."""
         if isinstance(raw, str):
             raw = {"text": raw}
+        guid = str(raw.get("id", index)) if isinstance(raw, dict) else ""
         if isinstance(raw, dict) and isinstance(raw.get("tokens"), list):
-            tokens = [str(token) for token in raw["tokens"]]
-        elif isinstance(raw, dict) and isinstance(raw.get("text"), str):
-            tokens = split_words(raw["text"])
-        else:
-            raise DataError(f"input line {index + 1}: expected an object with 'tokens' (a list) or 'text' (a string)")
-        return TaggingExample(str(raw.get("id", index)), tokens)
+            return TaggingExample(guid, [str(token) for token in raw["tokens"]])
+        if isinstance(raw, dict) and isinstance(raw.get("text"), str):
+            words = split_words(raw["text"], self.options.word_split)
+            return TaggingExample(guid, [w.text for w in words], text=raw["text"],
+                                  spans=[(w.start, w.end) for w in words])
+        raise DataError(f"input line {index + 1}: expected an object with 'tokens' (a list) or 'text' (a string)")
 
     def example_labels(self, example: TaggingExample) -> list[str]:
         return example.tags or []
@@ -207,16 +295,24 @@ class NerTask(TaskType):
         return int((targets != IGNORE_INDEX).sum())
 
     def decode(self, examples: list[TaggingExample], features: list[TaggingFeature], logits: list[np.ndarray]):
-        """Words without a subword stay "O"; invalid I- tags that open a span become B- (valid IOB2)."""
+        """Words without a subword stay "O"; invalid I- tags that open a span become B- (valid IOB2).
+
+        Each word's confidence is the softmax probability of its chosen tag, at its first subword; an entity's
+        ``score`` is the mean over its words.
+        """
         tags = [["O"] * len(example.tokens) for example in examples]
+        confidences = [[float("nan")] * len(example.tokens) for example in examples]
         for feature, scores in zip(features, logits):
             best = scores.argmax(-1)
+            probabilities = softmax(scores.astype(np.float64))
             for word, position in feature.word_positions:
                 tags[feature.example_index][word] = self.labels[int(best[position])]
+                confidences[feature.example_index][word] = float(probabilities[position, best[position]])
         predictions = []
-        for example, sentence_tags in zip(examples, tags):
+        for example, sentence_tags, sentence_confidences in zip(examples, tags, confidences):
             repaired = to_iob2(sentence_tags, "iob2")
-            predictions.append({"tags": repaired, "entities": tag_entities(example.tokens, repaired)})
+            entities = tag_entities(example.tokens, repaired, sentence_confidences, example.text, example.spans or ())
+            predictions.append({"tags": repaired, "entities": entities})
         return predictions
 
     def score(self, examples: list[TaggingExample], predictions: list[dict[str, Any]]) -> MetricResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,12 @@ class Span:
     score: float
     start: int  # character offsets in the context
     end: int
+
+
+def log_sum_exp(values: np.ndarray) -> float:
+    """log(sum(exp(values))) shifted by the maximum, so it never overflows and is never below the maximum."""
+    top = float(values.max())
+    return top + math.log(float(np.exp(values - top).sum()))
 
 
 def parse_answers(value: Any, source: str) -> list[tuple[str, int]]:
@@ -266,15 +273,37 @@ class QATask(TaskType):
         row, column = np.unravel_index(int(scores.argmax()), scores.shape)
         return Span(float(scores[row, column]), offsets[starts[row]][0], offsets[ends[column]][1])
 
+    def span_logits(self, offsets: list[CharSpan | None], logits: np.ndarray) -> np.ndarray:
+        """Logits (start + end) of every span of the window that ``best_span`` could choose, without its n-best cut:
+        context tokens, end >= start, at most max_answer_length tokens. Computed band by band (span length)."""
+        context = np.array([i for i, span in enumerate(offsets) if span is not None], dtype=np.int64)
+        starts, ends = logits[context, 0], logits[context, 1]
+        bands = []
+        for shift in range(min(self.options.max_answer_length, context.size)):
+            lengths = context[shift:] - context[: context.size - shift] + 1
+            bands.append((starts[: context.size - shift] + ends[shift:])[lengths <= self.options.max_answer_length])
+        return np.concatenate(bands) if bands else np.zeros(0, dtype=logits.dtype)
+
     def predict(self, example: QAExample, windows: list[tuple[QAFeature, np.ndarray]]) -> dict[str, Any]:
-        """Best span over all windows; no answer when allowed and the [CLS] score beats it by the threshold."""
+        """Best span over all windows; no answer when allowed and the [CLS] score beats it by the threshold.
+
+        ``score`` is the answer's probability under one softmax over the candidates: every span of every window
+        (``span_logits``), and no answer (the lowest [CLS] logit sum of the windows) when it is allowed or no span
+        exists; so scores lie in [0, 1] and compare across inputs and tasks. ``logit`` keeps the logit sum.
+        """
         null_score = min(float(logits[0, 0] + logits[0, 1]) for _, logits in windows)
         spans = [self.best_span(feature.offsets, logits) for feature, logits in windows]
         best = max((span for span in spans if span is not None), key=lambda span: span.score, default=None)
         options = self.options
+        candidates = [self.span_logits(feature.offsets, logits).astype(np.float64) for feature, logits in windows]
+        if options.allow_no_answer or best is None:
+            candidates.append(np.array([null_score]))
+        log_total = log_sum_exp(np.concatenate(candidates))
         if best is None or (options.allow_no_answer and null_score - best.score > options.no_answer_threshold):
-            return {"answer": "", "start": -1, "score": null_score}
-        return {"answer": example.context[best.start : best.end], "start": best.start, "score": best.score}
+            return {"answer": "", "start": -1, "end": -1, "score": math.exp(null_score - log_total),
+                    "logit": null_score}
+        return {"answer": example.context[best.start : best.end], "start": best.start, "end": best.end,
+                "score": math.exp(best.score - log_total), "logit": best.score}
 
     def decode(self, examples: list[QAExample], features: list[QAFeature], logits: list[np.ndarray]) -> list[dict]:
         windows: dict[int, list[tuple[QAFeature, np.ndarray]]] = defaultdict(list)
