@@ -210,3 +210,47 @@ def reproduce_command() -> str:
 
 def print_footer() -> None:
     print(f"reproduce (from {REPO.name}/): {reproduce_command()}")
+
+
+# ---------------------------------------------------------------- live servers
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """A server run as a subprocess on a free loopback port (``command`` gets ``--port``); its stderr goes to a
+    temporary file, shown if it fails to start."""
+
+    def __init__(self, command: list[str], name: str = "server") -> None:
+        import subprocess
+        import tempfile
+
+        self.name, self.port = name, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen([*command, "--port", str(self.port)], stdout=subprocess.DEVNULL,
+                                        stderr=self.log)
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.log.seek(0)
+                sys.exit(f"the {self.name} exited:\n{self.log.read().decode(errors='replace')[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        sys.exit(f"the {self.name} did not start within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)

@@ -34,10 +34,8 @@ import gc
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -87,12 +85,6 @@ def traffic(run, per_task: int, seed: int) -> list[Request]:
 
 
 # ---------------------------------------------------------------- the server processes
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def serve_worker(args: argparse.Namespace) -> None:
     """Serve the run as the variant asks until terminated (SIGTERM: uvicorn's graceful shutdown)."""
     import uvicorn
@@ -109,7 +101,7 @@ def serve_worker(args: argparse.Namespace) -> None:
     if args.serve_worker == "routed":  # one whole model per task: a micro-batch takes one pass per task in it
         copies = {name: load() for name in run.tasks}
 
-        def predict(items):
+        def routed(items):
             by_task: dict[str, list[int]] = {}
             for index, item in enumerate(items):
                 by_task.setdefault(item.task.task_name, []).append(index)
@@ -119,39 +111,19 @@ def serve_worker(args: argparse.Namespace) -> None:
                 for index, answer in zip(indices, answers):
                     results[index] = answer
             return results
+        predict = routed
     config = uvicorn.Config(create_app(catalog, settings, predict=predict), host="127.0.0.1", port=args.port,
                             log_level="warning", access_log=False)
     uvicorn.Server(config).run()
 
 
-class Server:
-    """A --serve-worker subprocess; its stderr goes to a temporary file, shown if it fails to start."""
+class Server(common.ServerProcess):
+    """A --serve-worker subprocess serving the run as ``variant`` asks."""
 
     def __init__(self, args: argparse.Namespace, variant: str) -> None:
-        self.variant, self.port = variant, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile()
-        command = [sys.executable, __file__, str(args.run_dir), "--serve-worker", variant, "--port", str(self.port),
-                   *forwarded(args)]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log)
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                sys.exit(f"the {self.variant} server exited:\n{self.log.read().decode(errors='replace')[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        sys.exit(f"the {self.variant} server did not start within {timeout:.0f} s")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(60)
+        self.variant = variant
+        super().__init__([sys.executable, __file__, str(args.run_dir), "--serve-worker", variant, *forwarded(args)],
+                         f"{variant} server")
 
 
 def forwarded(args: argparse.Namespace) -> list[str]:

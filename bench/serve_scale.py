@@ -126,32 +126,9 @@ def distinct_vs_same(store: Path, texts: list[str], batch: int, rounds: int) -> 
 
 
 # ---------------------------------------------------------------- live servers
-class Server:
-    def __init__(self, store: Path, port: int, max_batch: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "multitask", "serve", "--store", str(store), "--port", str(port), "--device", "cpu",
-             "--max-batch", str(max_batch), "--scan-seconds", "0.2", "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=self.log)
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                sys.exit(f"the server exited:\n{self.log.read().decode(errors='replace')[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        sys.exit("the server did not start")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(60)
+def store_server(store: Path, max_batch: int) -> common.ServerProcess:
+    return common.ServerProcess([sys.executable, "-m", "multitask", "serve", "--store", str(store), "--device", "cpu",
+                                 "--max-batch", str(max_batch), "--scan-seconds", "0.2", "--log-level", "warning"])
 
 
 async def fire(url: str, requests: list[tuple[str, str]], concurrency: int):
@@ -302,7 +279,7 @@ def main() -> None:
           f"{timing['same task'] / timing['distinct tasks']:.3f}x (target >= 0.95)")
 
     for k in ks:
-        server = Server(store_of(k), common_port(), args.batch)
+        server = store_server(store_of(k), args.batch)
         try:
             server.wait_ready()
             rates = spread_vs_one(server.url, names[:k], task, texts, args.requests, args.rounds)
@@ -316,7 +293,7 @@ def main() -> None:
     store.mkdir()
     for name in names[:largest]:
         (store / name).symlink_to(full / name)
-    server = Server(store, common_port(), args.batch)
+    server = store_server(store, args.batch)
     try:
         server.wait_ready()
         tails = zipf_tails(server.url, names[:largest], task, texts, args.requests * 3, args.seed)
@@ -331,14 +308,6 @@ def main() -> None:
               f"target <= 1.1)")
     finally:
         server.stop()
-
-
-def common_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":
