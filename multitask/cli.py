@@ -133,10 +133,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from multitask.serve import Limits, ServeSettings, serve
 
     settings = ServeSettings(args.max_batch, args.max_wait_ms, args.max_queue, args.api_key,
-                             Limits(args.max_request_bytes, args.max_inputs, args.max_input_chars))
+                             Limits(args.max_request_bytes, args.max_inputs, args.max_input_chars),
+                             admin_key=args.admin_key, scan_seconds=args.scan_seconds)
     _setup_logging()
     serve(args.runs, args.host, args.port, settings, log_level=args.log_level, graceful_timeout=args.graceful_timeout,
-          device=args.device, precision=args.precision, batch_size=args.batch_size or args.max_batch)
+          store=Path(args.store) if args.store else None, device=args.device, precision=args.precision,
+          batch_size=args.batch_size or args.max_batch)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -222,7 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=cmd_predict)
 
     serve = sub.add_parser("serve", help="serve every task of one or more runs over HTTP (README: Serving)")
-    serve.add_argument("runs", nargs="+", metavar="RUN", help="a run directory, or NAME=DIR to name its namespace")
+    serve.add_argument("runs", nargs="*", metavar="RUN", help="a run directory, or NAME=DIR to name its namespace")
+    serve.add_argument("--store", metavar="DIR",
+                       help="serve every run folder of DIR (named by its folder), following additions, changes and "
+                            "removals while serving")
+    serve.add_argument("--scan-seconds", type=float, default=1.0, help="how often --store is scanned")
+    serve.add_argument("--admin-key", help="enable /v1/admin/* (add, remove runs; rescan the store) with this key")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--max-batch", type=_positive_int, default=32,
