@@ -131,12 +131,18 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from multitask.serve import Limits, ServeSettings, serve
+    from multitask.serve.guard import allowed_hosts, read_key
 
-    settings = ServeSettings(args.max_batch, args.max_wait_ms, args.max_queue, args.api_key,
-                             Limits(args.max_request_bytes, args.max_inputs, args.max_input_chars),
-                             admin_key=args.admin_key, scan_seconds=args.scan_seconds)
+    settings = ServeSettings(
+        args.max_batch, args.max_wait_ms, args.max_queue,
+        read_key(args.api_key, args.api_key_file, "MULTITASK_API_KEY", "--api-key"),
+        Limits(args.max_request_bytes, args.max_inputs, args.max_input_chars, args.max_input_tokens),
+        admin_key=read_key(args.admin_key, args.admin_key_file, "MULTITASK_ADMIN_KEY", "--admin-key"),
+        scan_seconds=args.scan_seconds, max_queue_ms=args.max_queue_ms, max_pass_seconds=args.max_pass_seconds,
+        graceful_timeout=args.graceful_timeout, body_timeout=args.body_timeout, max_connections=args.max_connections,
+        allowed_hosts=allowed_hosts(args.allowed_hosts, args.host), docs=args.docs)
     _setup_logging()
-    serve(args.runs, args.host, args.port, settings, log_level=args.log_level, graceful_timeout=args.graceful_timeout,
+    serve(args.runs, args.host, args.port, settings, log_level=args.log_level,
           store=Path(args.store) if args.store else None, device=args.device, precision=args.precision,
           batch_size=args.batch_size or args.max_batch)
 
@@ -229,21 +235,41 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve every run folder of DIR (named by its folder), following additions, changes and "
                             "removals while serving")
     serve.add_argument("--scan-seconds", type=float, default=1.0, help="how often --store is scanned")
-    serve.add_argument("--admin-key", help="enable /v1/admin/* (add, remove runs; rescan the store) with this key")
+    serve.add_argument("--admin-key", help="enable /v1/admin/* (add, remove runs; rescan the store) with this key "
+                                           "(shown by ps: prefer --admin-key-file or MULTITASK_ADMIN_KEY)")
+    serve.add_argument("--admin-key-file", metavar="FILE", help="read --admin-key from FILE")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--allowed-hosts", metavar="NAMES",
+                       help="Host header names served, comma-separated, or '*' (default: loopback names when --host is "
+                            "loopback, else any); others: 400")
     serve.add_argument("--max-batch", type=_positive_int, default=32,
-                       help="inputs per model pass (micro-batch); for serve, --batch-size defaults to it")
+                       help="windows (model inputs; a long text may be several) per model pass; for serve, "
+                            "--batch-size defaults to it")
     serve.add_argument("--max-wait-ms", type=float, default=5.0,
                        help="how long an input waits for others to join its model pass")
-    serve.add_argument("--max-queue", type=_positive_int, default=1024, help="inputs waiting; beyond it: 503")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* and /metrics")
+    serve.add_argument("--max-queue", type=_positive_int, default=1024, help="windows waiting; beyond it: 503")
+    serve.add_argument("--max-queue-ms", type=float, default=30_000,
+                       help="a request waiting longer for its model pass gets 503 (0: no limit)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (shown by ps: "
+                                         "prefer --api-key-file or MULTITASK_API_KEY)")
+    serve.add_argument("--api-key-file", metavar="FILE", help="read --api-key from FILE")
     serve.add_argument("--max-request-bytes", type=_positive_int, default=2 << 20, help="larger bodies: 413")
     serve.add_argument("--max-inputs", type=_positive_int, default=256, help="inputs per request; more: 422")
     serve.add_argument("--max-input-chars", type=_positive_int, default=20_000,
                        help="characters per input (all its strings); more: 422")
-    serve.add_argument("--graceful-timeout", type=int, default=30,
-                       help="seconds to finish in-flight requests on shutdown")
+    serve.add_argument("--max-input-tokens", type=_positive_int, default=8192,
+                       help="tokens per input over all its windows; more: 422")
+    serve.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds a request body may take to arrive; slower: 408")
+    serve.add_argument("--max-connections", type=_positive_int, default=512,
+                       help="connections and requests at once (uvicorn's limit_concurrency); beyond it: 503")
+    serve.add_argument("--max-pass-seconds", type=float, default=120.0,
+                       help="a model pass running longer turns /health to 503 (0: never)")
+    serve.add_argument("--graceful-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests get to finish on shutdown; what cannot finish gets 503")
+    serve.add_argument("--docs", action="store_true",
+                       help="serve /docs (Swagger UI; its scripts load from a CDN, so it is blank offline)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_inference_options(serve)
     serve.set_defaults(func=cmd_serve)

@@ -134,7 +134,7 @@ def test_batcher_keeps_order_fills_batches_across_requests_and_respects_max_batc
         return results
 
     assert asyncio.run(scenario()) == [[10, 20, 30], [40, 50], [60, 70, 80, 90, 100]]
-    assert passes == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]  # first come, first served; never over max_batch
+    assert passes == [[1, 4, 6, 2], [5, 7, 3, 8], [9, 10]]  # requests take turns; never over max_batch
 
 
 def test_batcher_fails_only_the_request_whose_input_fails():
@@ -154,8 +154,8 @@ def test_batcher_fails_only_the_request_whose_input_fails():
 
     failed, fine = asyncio.run(scenario())
     assert isinstance(failed, ValueError) and fine == ["C"]
-    assert passes[0] == ["a", "bad", "c"]  # one pass first, then each input alone
-    assert sorted(map(tuple, passes[1:])) == [("a",), ("bad",), ("c",)]
+    assert passes[0] == ["a", "c", "bad"]  # one pass first (requests take turns), then halves until "bad" is alone
+    assert passes[1:] == [["a"], ["c", "bad"], ["c"], ["bad"]]
 
 
 def test_batcher_refuses_when_full_skips_cancelled_inputs_and_drains_on_close():
@@ -254,7 +254,7 @@ def test_tasks_health_metrics_and_openapi_pages(catalog, run):
         assert set(client.get("/openapi.json").json()["paths"]) == {
             "/v1/predict", "/v1/analyze", "/v1/tasks", "/health", "/metrics", "/v1/admin/runs",
             "/v1/admin/runs/{name}", "/v1/admin/reload"}
-        assert client.get("/docs").status_code == 200
+        assert client.get("/docs").status_code == 404  # off unless --docs (its scripts come from a CDN)
 
 
 def test_client_mistakes_are_answered_4xx_naming_the_problem(catalog):

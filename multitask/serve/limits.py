@@ -1,5 +1,11 @@
-"""What one request may ask of the server: body size (413), number of inputs and characters per input (422).
-They bound the memory and the model time a single client can take."""
+"""What one request may ask of the server: body size (413), number of inputs, characters and tokens per input (422).
+They bound the memory and the model time a single client can take.
+
+Characters are counted before anything else looks at an input, iteratively and with a depth cap, so no input can
+make the count itself expensive or recursive; strings that UTF-8 cannot carry (lone surrogates, which JSON's
+``\ud800`` escapes allow) are refused there too, before they reach a tokenizer. Tokens are counted after the task's
+own featurization (:mod:`multitask.serve.windows`), because only it knows how many windows a long input becomes.
+"""
 
 from __future__ import annotations
 
@@ -17,14 +23,21 @@ class LimitExceeded(DataError):
     """A request within the body limit asks for more than this server allows (answered 422)."""
 
 
+# Nesting an input may have: the task formats need 2 ({"tokens": [...]}); more is a client's mistake or an attack.
+MAX_INPUT_DEPTH = 16
+
+
 @dataclass(frozen=True)
 class Limits:
     max_request_bytes: int = 2 << 20
     max_inputs: int = 256  # model inputs per request: /v1/analyze counts texts x tasks
     max_input_chars: int = 20_000  # every string of one input together (a SQuAD context is up to ~4,000)
+    # Tokens the model reads for one input over all its windows (a 4,000-character SQuAD context: ~1,500 in 4 windows
+    # of 384); what bounds the model time of one input, which characters do not.
+    max_input_tokens: int = 8192
 
     def __post_init__(self) -> None:
-        for name in ("max_request_bytes", "max_inputs", "max_input_chars"):
+        for name in ("max_request_bytes", "max_inputs", "max_input_chars", "max_input_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
@@ -34,21 +47,44 @@ class Limits:
                                 f"{self.max_inputs:,}; split the request")
 
     def check_input(self, raw: Any, where: str) -> None:
-        chars = input_chars(raw)
+        chars = input_chars(raw, where)
         if chars > self.max_input_chars:
             raise LimitExceeded(f"{where}: {chars:,} characters, over this server's limit of "
                                 f"{self.max_input_chars:,} per input")
 
+    def check_tokens(self, tokens: int, windows: int, where: str) -> None:
+        if tokens > self.max_input_tokens:
+            raise LimitExceeded(f"{where}: {tokens:,} tokens in {windows:,} windows, over this server's limit of "
+                                f"{self.max_input_tokens:,} tokens per input (--max-input-tokens); send it in parts")
 
-def input_chars(raw: Any) -> int:
-    """Characters of every string in a JSON value: text + text_pair, question + context, all tokens."""
-    if isinstance(raw, str):
-        return len(raw)
-    if isinstance(raw, dict):
-        return sum(input_chars(value) for value in raw.values())
-    if isinstance(raw, list):
-        return sum(input_chars(value) for value in raw)
-    return 0
+
+def input_chars(raw: Any, where: str = "input") -> int:
+    """Characters of a JSON value: every string (text + text_pair, question + context, all tokens), and any other
+    scalar as it is written (a token sent as a number is still a token). DataError for a string UTF-8 cannot encode;
+    LimitExceeded past MAX_INPUT_DEPTH levels of nesting."""
+    total, stack = 0, [(raw, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            total += _checked_len(value, where)
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_INPUT_DEPTH:
+                raise LimitExceeded(f"{where}: nested deeper than {MAX_INPUT_DEPTH} levels")
+            stack.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+        elif value is not None:
+            total += len(str(value))
+    return total
+
+
+def _checked_len(text: str, where: str) -> int:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            code = f"U+{ord(text[error.start]):04X}"
+            raise DataError(f"{where}: a string holds a character UTF-8 cannot encode ({error.reason}, {code} at "
+                            f"position {error.start}); send valid Unicode text") from None
+    return len(text)
 
 
 class BodySizeLimit:

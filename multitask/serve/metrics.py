@@ -155,12 +155,12 @@ class ServerMetrics:
         self.latency = add(Histogram("multitask_request_duration_seconds", "Time to answer a request, by endpoint.",
                                      LATENCY_BUCKETS, ("endpoint",)))
         self.inputs = add(Counter("multitask_inputs_total", "Inputs predicted, by task.", ("task",)))
-        self.batch_size = add(Histogram("multitask_batch_size", "Inputs per model pass (micro-batch).",
+        self.batch_size = add(Histogram("multitask_batch_size", "Windows (model inputs) per model pass (micro-batch).",
                                         _size_buckets(max_batch)))
         self.batch_seconds = add(Histogram("multitask_batch_duration_seconds", "Time of one model pass.",
                                            LATENCY_BUCKETS))
-        add(Gauge("multitask_queue_depth", "Inputs waiting for a model pass.", queue_depth))
-        add(Gauge("multitask_in_flight_inputs", "Inputs in the model pass now running.", in_flight))
+        add(Gauge("multitask_queue_depth", "Windows waiting for a model pass.", queue_depth))
+        add(Gauge("multitask_in_flight_inputs", "Windows in the model pass now running.", in_flight))
 
     def watch_fleet(self, tasks: Callable[[], float], runs: Callable[[], float], scans: Callable[[], float],
                     failures: Callable[[], float], changes: Callable[[], float]) -> None:
