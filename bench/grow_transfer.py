@@ -25,9 +25,11 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-# Prefix settings of each method: (method, prefix.transfer); lora and full_ft train without the base.
-METHODS = {"scratch": ("prefix", "none"), "auto": ("prefix", "auto"), "lora": ("lora", None),
-           "full_ft": ("full_ft", None)}
+# Each method: (method, prefix.transfer); a transfer of None trains without the base. scratch grows the base with a
+# fresh prefix (the same model as alone, plus the base's tasks); alone is the task trained on its own (growing's
+# wall-time reference); mixture mixes every base prefix per input.
+METHODS = {"scratch": ("prefix", "none"), "auto": ("prefix", "auto"), "mixture": ("prefix", "mixture"),
+           "alone": ("prefix", None), "lora": ("lora", None), "full_ft": ("full_ft", None)}
 
 
 def experiment(args, target: str, size: int, seed: int, method: str, transfer: str | None) -> dict:
