@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+import weakref
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -171,6 +173,11 @@ def _weights_hash(model: torch.nn.Module, include_pooler: bool) -> str:
     return digest.hexdigest()[:16]
 
 
+# Fingerprints already computed, per encoder object and the version counters of its tensors: a server loading a
+# thousand runs onto one encoder hashes it once, and any in-place change to a weight bumps a counter and rehashes.
+_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+
+
 def encoder_fingerprint(model: torch.nn.Module) -> str:
     """A short hash of the frozen weights, so a checkpoint refuses to load on a different encoder.
 
@@ -178,7 +185,13 @@ def encoder_fingerprint(model: torch.nn.Module) -> str:
     ships no pooler weights (roberta-base) transformers initialises them at random, differently in each process.
     Everything else in the state dict was read from the checkpoint (or is a fixed buffer), so the hash is stable.
     """
-    return FINGERPRINT_VERSION + _weights_hash(model, include_pooler=False)
+    versions = tuple((id(t), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
+    known = _FINGERPRINTS.get(model)
+    if known is not None and known[0] == versions:
+        return known[1]
+    fingerprint = FINGERPRINT_VERSION + _weights_hash(model, include_pooler=False)
+    _FINGERPRINTS[model] = (versions, fingerprint)
+    return fingerprint
 
 
 def fingerprint_matches(model: torch.nn.Module, saved: str) -> bool:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from multitask.data.root import data_root
 from multitask.errors import ConfigError, DataError
 from multitask.experiment import ExperimentConfig
@@ -112,11 +114,22 @@ def load_run(
     if loaded.model.prefix_bank is not None:
         loaded.model.prefix_bank.fold()  # an MLP prefix computes the same keys/values every time: compute them once
     engine = InferenceEngine(
-        loaded.model.to(target), tokenizer or load_tokenizer(experiment.encoder.name), loaded.tasks, target,
+        _on_device(loaded.model, target), tokenizer or load_tokenizer(experiment.encoder.name), loaded.tasks, target,
         resolve_precision(precision or experiment.precision, target)[0],
         batch_size or experiment.evaluation.batch_size, progress,
     )
     return TrainedRun(run_dir, experiment, engine)
+
+
+def _on_device(model: MultiTaskModel, device: torch.device) -> MultiTaskModel:
+    """The model on ``device``; a shared encoder already there is not walked again (a server loading thousands of
+    runs onto one encoder would spend most of its time in that walk)."""
+    if next(model.encoder.parameters()).device != device:
+        return model.to(device)
+    for part in (model.heads, model.prefix_bank):
+        if part is not None:
+            part.to(device)
+    return model
 
 
 def read_input_file(path: Path) -> list[Any]:

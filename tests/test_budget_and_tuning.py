@@ -50,11 +50,26 @@ def test_precision_auto_picks_bf16_only_where_native(flags, device, expected):
     assert resolve_precision("fp32", torch.device(device), flags) == ("fp32", "set in the experiment")
 
 
-def test_time_budget_stops_at_the_first_step_past_it_and_times_phases_apart(tmp_path):
+class SteadyClock:
+    """The trainer's clock, advancing a fixed 0.1 s per reading: a time budget then means the same steps on any
+    machine, however loaded (a real clock on a busy 2-core machine can put one step past two evaluation periods)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 0.1
+        return self.now
+
+
+def test_time_budget_stops_at_the_first_step_past_it_and_times_phases_apart(tmp_path, monkeypatch):
+    import multitask.training.trainer as trainer_module
+
     config = write_project(tmp_path)
     experiment = load_config(ExperimentConfig, config, [
         "optimization.max_steps=null", "optimization.max_minutes=0.02", "evaluation.every_steps=null",
         "evaluation.every_minutes=0.01"])
+    monkeypatch.setattr(trainer_module, "time", SteadyClock())
     trainer = Trainer(experiment, tmp_path / "run", config_path=config, progress=False, encoder=tiny_encoder("bert"))
     report = trainer.train()
     meta = report.meta
@@ -100,7 +115,10 @@ def test_prefix_attention_per_task_type_experiment_and_task_file(tmp_path):
         "cls": ("joint", "experiment"), "ner": ("joint", "experiment"), "qa": ("separate", "task file")}
 
 
-def test_compare_with_a_time_budget_gives_each_method_a_learning_curve(tmp_path):
+def test_compare_with_a_time_budget_gives_each_method_a_learning_curve(tmp_path, monkeypatch):
+    import multitask.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "time", SteadyClock())  # the same steps on any machine (see SteadyClock)
     config = write_project(tmp_path)
     experiment = load_config(ExperimentConfig, config)
     budgeted = with_budget(experiment, 0.02)

@@ -16,6 +16,7 @@ from multitask.experiment import ExperimentConfig
 from multitask.model import MultiTaskModel
 from multitask.prefix.bank import PrefixLayout
 from multitask.prefix.config import PrefixConfig
+from multitask.prefix.encoder import without_initialization
 from multitask.runtime import add_lora, build_heads
 from multitask.tasks.base import TaskType
 from multitask.tasks.config import TaskConfig
@@ -60,7 +61,8 @@ def _saved_layout(meta: dict[str, Any], source: str) -> PrefixLayout | None:
 
 def _rebuild_model(layout: PrefixLayout | None, tasks: dict[str, TaskType], encoder) -> MultiTaskModel:
     heads = build_heads(list(tasks.values()), encoder_shape(encoder.config).hidden_size)
-    return MultiTaskModel(encoder, heads, layout)
+    with without_initialization():  # the checkpoint's weights replace whatever the prefixes would start from
+        return MultiTaskModel(encoder, heads, layout)
 
 
 def _check_encoder(run_dir: Path, meta: dict[str, Any], encoder, legacy: bool) -> None:
@@ -72,6 +74,26 @@ def _check_encoder(run_dir: Path, meta: dict[str, Any], encoder, legacy: bool) -
     raise CheckpointError(f"{run_dir}: this run was trained on encoder {meta['encoder']['name']!r} with fingerprint "
                           f"{fingerprint}, but the encoder given has fingerprint "
                           f"{encoder_fingerprint(encoder)}; load it with the same encoder{hint}")
+
+
+def _load_weights(model: MultiTaskModel, weights: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Load the checkpoint into the parts it holds weights for: missing and unexpected keys, as load_state_dict
+    gives them. The frozen encoder is walked only when the checkpoint trains it (LoRA, full fine-tuning): a server
+    loading thousands of small runs onto one encoder would otherwise spend most of its time there."""
+    parts = {"heads": model.heads, "prefix_bank": model.prefix_bank}
+    if any(key.startswith("encoder.") for key in weights):
+        parts["encoder"] = model.encoder
+    missing, unexpected = [], []
+    for name, module in parts.items():
+        own = {key[len(name) + 1:]: value for key, value in weights.items() if key.startswith(f"{name}.")}
+        if module is None:
+            unexpected += [f"{name}.{key}" for key in own]
+            continue
+        result = module.load_state_dict(own, strict=False)
+        missing += [f"{name}.{key}" for key in result.missing_keys]
+        unexpected += [f"{name}.{key}" for key in result.unexpected_keys]
+    unexpected += [key for key in weights if key.split(".", 1)[0] not in parts]
+    return missing, unexpected
 
 
 def load_checkpoint_model(run_dir: Path, encoder=None) -> LoadedCheckpoint:
@@ -95,7 +117,7 @@ def load_checkpoint_model(run_dir: Path, encoder=None) -> LoadedCheckpoint:
     model = _rebuild_model(layout, tasks, encoder)
     if experiment.method == "lora":
         add_lora(model.encoder, experiment.lora)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing, unexpected = _load_weights(model, weights)
     trained_missing = [k for k in missing if not k.startswith("encoder.")]
     # Fully fine-tuned runs saved before the pooler was left out carry its weights; no head of theirs reads it.
     unexpected = [k for k in unexpected if not k.startswith("encoder.pooler.")]

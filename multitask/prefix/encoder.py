@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from multitask.prefix.config import PrefixConfig, resolve_layers
+
+
+_INITIALIZE: ContextVar[bool] = ContextVar("prefix_initialize", default=True)
+
+
+@contextmanager
+def without_initialization() -> Iterator[None]:
+    """Build prefix encoders with uninitialised weights, for weights loaded right after (a checkpoint, a fold):
+    the random start would cost more than the load itself on a server loading thousands of prefixes."""
+    token = _INITIALIZE.set(False)
+    try:
+        yield
+    finally:
+        _INITIALIZE.reset(token)
 
 
 class PrefixEncoder(nn.Module):
@@ -39,8 +56,10 @@ class PrefixEncoder(nn.Module):
             self.embedding = nn.Parameter(torch.empty(config.length, out_dim))
             self.mlp = None
         # Until an encoder-aware initialiser (multitask.prefix.initialization) sets real scales or activations,
-        # start from random keys/values at init_std (unit scale when that is left to the encoder).
-        self.set_initial(random_key_values(config, self.kv_shape, scale=config.init_std or 1.0))
+        # start from random keys/values at init_std (unit scale when that is left to the encoder); not when saved
+        # weights are about to replace them (see `without_initialization`).
+        if _INITIALIZE.get():
+            self.set_initial(random_key_values(config, self.kv_shape, scale=config.init_std or 1.0))
 
     @property
     def trainable(self) -> bool:
@@ -79,7 +98,8 @@ class PrefixEncoder(nn.Module):
     def fold(self) -> "PrefixEncoder":
         """A flat encoder holding this encoder's current keys/values: same outputs, no MLP to save or run."""
         flat_config = PrefixConfig(**{**self.config.__dict__, "reparameterize": False})
-        folded = PrefixEncoder(flat_config, self.encoder_layers, self.num_heads, self.head_dim)
+        with without_initialization():
+            folded = PrefixEncoder(flat_config, self.encoder_layers, self.num_heads, self.head_dim)
         flat = self.embedding if self.mlp is None else self.mlp(self.embedding)
         folded.embedding.copy_(flat)
         return folded.to(self.embedding.device)
