@@ -67,7 +67,7 @@ def train(config: dict, run_dir: Path) -> dict:
 def best_validation(report: dict) -> tuple[float, int]:
     """The best validation score along the run (its plateau) and the step it was reached at."""
     (task,) = report["tasks"].values()
-    history = [(value, step) for step, split, value in task["metric_history"] if split == "validation"]
+    history = [(value, step) for step, split, value in task["history"]["metric"] if split == "validation"]
     value, step = max(history)
     return 100.0 * value, step
 
