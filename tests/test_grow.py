@@ -54,6 +54,7 @@ data_root: {project / "data"}
 cache_dir: {project / "cache"}
 seed: 5
 precision: fp32
+device: cpu
 {extra}""".lstrip())
     return path
 
@@ -150,6 +151,18 @@ def test_transfer_by_name_starts_from_that_prefix_fitted(project, bases):
     assert trainer.transfers["qa"]["source"] == "task_ner"
 
 
+def test_a_source_in_fewer_layers_starts_those_layers_and_the_rest_keep_their_own_start(project, bases):
+    top = project / "runs" / "base-top-partial"
+    train(write_base_config(project, "per_task"), top, ["prefix.prefix.layers={top: 1}"])
+    config = write_grow_config(project, top, name="partial", transfer="task_ner")
+    trainer = Trainer(load_config(ExperimentConfig, config), project / "runs" / "partial", config_path=config,
+                      progress=False)
+    source, target = trainer.model.prefix_bank.encoders["task_ner"], trainer.model.prefix_bank.encoders["task_qa"]
+    assert source.layers == (1,) and target.layers == (0, 1)
+    assert torch.equal(target().detach()[1], source().detach()[0])  # layer 1 from the source
+    assert not torch.equal(target().detach()[0], torch.zeros_like(target().detach()[0]))  # layer 0: its own start
+
+
 def test_adapting_cuts_repeats_and_maps_layers_by_index():
     kv = torch.arange(3 * 2 * 1 * 4 * 2, dtype=torch.float32).view(3, 2, 1, 4, 2)  # layers 1, 2, 3
     cut = adapt_key_values(kv, (1, 2, 3), (2, 3), 2)
@@ -158,7 +171,12 @@ def test_adapting_cuts_repeats_and_maps_layers_by_index():
     assert torch.equal(repeated[0, :, :, 8:], kv[0, :, :, :2]) and repeated.shape[3] == 10
     with pytest.raises(ConfigError, match=r"prefix 'p' lives in layers \[1, 2, 3\], so it cannot start a prefix in "
                                           r"layers \[0, 1\] \(no keys/values for layer\(s\) \[0\]\)"):
-        adapt_key_values(kv, (1, 2, 3), (0, 1), 4, "p")
+        adapt_key_values(kv, (1, 2, 3), (0, 1), 4, "p")  # no start of its own for layer 0
+    fill = torch.full((2, 2, 1, 4, 2), -1.0)
+    partial = adapt_key_values(kv, (1, 2, 3), (0, 1), 4, "p", fill)  # layer 0 keeps the new prefix's own start
+    assert torch.equal(partial[0], fill[0]) and torch.equal(partial[1], kv[0])
+    with pytest.raises(ConfigError, match=r"no keys/values for layer\(s\) \[0\]"):
+        adapt_key_values(kv, (1, 2, 3), (0,), 4, "p", fill[:1])  # nothing in common
 
 
 def test_auto_scores_on_training_data_it_holds_back():
@@ -179,11 +197,12 @@ def test_refusals_are_one_line(project, bases, capsys):
     err = capsys.readouterr().err
     assert "prefix.transfer 'task_nope': the base has no such prefix; its prefixes: task_cls, task_ner" in err
     deep = write_grow_config(project, bases["per_task"], name="deep", transfer="task_cls")
-    # A base prefix in the top layer only cannot start a prefix in every layer.
+    # A base prefix in the top layer only shares no layer with a new prefix in the bottom one.
     top = project / "runs" / "base-top"
     train(write_base_config(project, "per_task"), top, ["prefix.prefix.layers={top: 1}"])
     deep.write_text(deep.read_text().replace(f"base: {base}", f"base: {top}"))
-    assert main(["train", str(deep), "--output-dir", str(project / "runs" / "deep"), "--no-progress"]) == 2
+    assert main(["train", str(deep), "--output-dir", str(project / "runs" / "deep"), "--no-progress",
+                 "--set", "prefix.prefix.layers={bottom: 1}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("(no keys/values for layer(s) [0])") and "Traceback" not in "".join(err)
     missing = write_grow_config(project, project / "runs" / "no-such-run", name="missing")

@@ -180,8 +180,10 @@ def _mixture_sources(base: BaseRun, experiment: ExperimentConfig, tasks: list[Ta
         layers = resolve_layers(config.layers, num_layers)
         fitted = {}
         for source in base.prefix_names:
-            try:
-                fitted[source] = source_key_values(bank.encoders[source], layers, config.length, source)
+            try:  # a source adds nothing in the layers it lacks
+                zeros = torch.zeros(len(layers), 2, *bank.encoders[source].kv_shape[2:3], config.length,
+                                    bank.encoders[source].head_dim)
+                fitted[source] = source_key_values(bank.encoders[source], layers, config.length, source, zeros)
             except ConfigError as error:
                 log.info("mixture for %s: source %s left out: %s", task.config.name, source, error)
         if not fitted:

@@ -43,12 +43,13 @@ class TransferChoice:
                 "skipped": self.skipped}
 
 
-def source_key_values(source: PrefixEncoder, layers: tuple[int, ...], length: int, name: str) -> torch.Tensor:
-    """A base prefix's keys/values fitted to a new prefix of ``length`` tokens in ``layers`` (ConfigError when it
-    cannot be)."""
+def source_key_values(source: PrefixEncoder, layers: tuple[int, ...], length: int, name: str,
+                      fill: torch.Tensor) -> torch.Tensor:
+    """A base prefix's keys/values fitted to a new prefix of ``length`` tokens in ``layers``, layers it lacks taken
+    from ``fill`` (ConfigError when it shares no layer with the new prefix)."""
     with torch.no_grad():
         kv = source().detach().float().cpu()
-    return adapt_key_values(kv, source.layers, layers, length, name)
+    return adapt_key_values(kv, source.layers, layers, length, name, fill.detach().float().cpu())
 
 
 def candidates(model: MultiTaskModel, target_name: str, sources: list[str]) -> tuple[dict[str, torch.Tensor],
@@ -56,10 +57,12 @@ def candidates(model: MultiTaskModel, target_name: str, sources: list[str]) -> t
     """The keys/values each source would start ``target_name`` from, and the sources that cannot, with why."""
     bank = model.prefix_bank
     target = bank.encoders[target_name]
+    with torch.no_grad():
+        own = target()  # layers a source lacks keep the new prefix's own start
     fitted, skipped = {}, {}
     for name in sources:
         try:
-            fitted[name] = source_key_values(bank.encoders[name], target.layers, target.length, name)
+            fitted[name] = source_key_values(bank.encoders[name], target.layers, target.length, name, own)
         except ConfigError as error:
             skipped[name] = str(error)
     return fitted, skipped
