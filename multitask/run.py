@@ -13,7 +13,7 @@ from multitask.data.root import data_root
 from multitask.errors import ConfigError, DataError
 from multitask.experiment import ExperimentConfig
 from multitask.inference import Evaluation, InferenceEngine
-from multitask.inference.device import resolve_device
+from multitask.inference.device import cast_frozen_encoder, enable_tf32, resolve_device
 from multitask.inference.loading import load_checkpoint_model
 from multitask.inference.precision import resolve_precision
 from multitask.model import MultiTaskModel
@@ -113,9 +113,13 @@ def load_run(
     target = resolve_device(device)
     if loaded.model.prefix_bank is not None:
         loaded.model.prefix_bank.fold()  # an MLP prefix computes the same keys/values every time: compute them once
+    chosen = resolve_precision(precision or experiment.precision, target)[0]
+    model = _on_device(loaded.model, target)
+    enable_tf32(target)
+    if encoder is None:  # an encoder given is shared with other runs: its owner decides its precision
+        cast_frozen_encoder(model, target, chosen, experiment.method)
     engine = InferenceEngine(
-        _on_device(loaded.model, target), tokenizer or load_tokenizer(experiment.encoder.name), loaded.tasks, target,
-        resolve_precision(precision or experiment.precision, target)[0],
+        model, tokenizer or load_tokenizer(experiment.encoder.name), loaded.tasks, target, chosen,
         batch_size or experiment.evaluation.batch_size, progress,
     )
     return TrainedRun(run_dir, experiment, engine)
@@ -138,6 +142,9 @@ def read_input_file(path: Path) -> list[Any]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+                        f"save the file as UTF-8 JSONL") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue

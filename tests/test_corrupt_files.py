@@ -339,3 +339,13 @@ def test_resume_starts_a_damaged_frozen_cache_afresh(project):
     for meta in set(metas) - set(read):
         meta.write_bytes(originals[meta])
     assert project.report_tasks(copy) == project.report_tasks(project.run)
+
+
+def test_a_predict_input_file_that_is_not_utf8_is_one_line(tmp_path):
+    from multitask.errors import DataError
+    from multitask.run import read_input_file
+
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'"good movie"\n"\xff\xfe bad"\n')
+    with pytest.raises(DataError, match=r"in\.jsonl: not UTF-8 text \(byte 0xff at offset 14\); save the file as UTF-8"):
+        read_input_file(path)
