@@ -97,7 +97,9 @@ def random_batch(
     """A full (unpadded) ``--batch`` x ``--length`` batch of random token ids for task 0, with random 2-way labels.
     The PEFT worker draws the same ids with the same calls, so every variant sees the same tensors."""
     generator = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(1000, model.encoder.config.vocab_size, (args.batch, args.length), generator=generator)
+    vocab = model.encoder.config.vocab_size
+    # ids past the special tokens; min(): a tiny test vocabulary (bench/gpu_check.py's dry run) has only 100
+    ids = torch.randint(min(1000, vocab // 2), vocab, (args.batch, args.length), generator=generator)
     labels = torch.randint(0, 2, (args.batch,), generator=generator)
     inputs = ModelInputs(ids, torch.ones_like(ids), torch.zeros(args.batch, dtype=torch.long))
     return inputs.to(device), labels.to(device)

@@ -199,7 +199,7 @@ def memory_worker(args: argparse.Namespace) -> None:
     from multitask.run import load_run
 
     common.setup(args)
-    run = load_run(args.run_dir, device="cpu")
+    run = load_run(args.run_dir, device="cpu")  # it measures host memory (RSS), whatever device the server has
     names = list(run.tasks)
     held, added = [], {}
     gc.collect()
@@ -276,7 +276,7 @@ def main() -> None:
 
     from multitask.run import load_run
 
-    run = load_run(args.run_dir, device="cpu")  # here only for its tasks and data
+    run = load_run(args.run_dir, device=str(device))  # its tasks and data, and the model alone on the server's device
     requests = traffic(run, per_task=max(args.requests, 50), seed=args.seed)[: args.requests]
     tasks = "+".join(run.tasks)
     alone = {size: model_alone(run, requests, size) for size in (1, args.max_batch)}

@@ -69,6 +69,7 @@ def _launch_torchrun(args: argparse.Namespace) -> None:
         raise MultitaskError(f"--nproc must be at least 1, got {args.nproc}")
     if launched_by_torchrun():
         raise MultitaskError("--nproc starts torchrun itself; leave it out when running under torchrun")
+    _check_gpus_for(args.nproc, _load_experiment(args.config, args.set).device)
     forwarded = [args.config, *(f"--set={item}" for item in args.set)]
     forwarded += ["--output-dir", args.output_dir] if args.output_dir else []
     forwarded += ["--resume"] if args.resume else []
@@ -78,6 +79,21 @@ def _launch_torchrun(args: argparse.Namespace) -> None:
     status = subprocess.run(command, check=False).returncode
     if status != 0:
         raise MultitaskError(f"torchrun exited with status {status} (the ranks' errors are above)")
+
+
+def _check_gpus_for(processes: int, device_name: str) -> None:
+    """On GPUs each process drives one of this machine's: more processes than GPUs would fail in every rank."""
+    from multitask.inference.device import resolve_device
+
+    device = resolve_device(device_name)
+    if device.type != "cuda":
+        return
+    import torch
+
+    visible = torch.cuda.device_count()
+    if processes > visible:
+        raise MultitaskError(f"--nproc {processes} on device {device_name!r}: this machine shows {visible} GPU(s), one "
+                             f"per process; use --nproc {visible} or fewer (CUDA_VISIBLE_DEVICES says which)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

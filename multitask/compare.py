@@ -154,9 +154,14 @@ def run_subprocess(experiment: ExperimentConfig, run_dir: Path) -> Path:
 
 
 def run_in_process(experiment: ExperimentConfig, run_dir: Path, encoder_factory=None, tokenizer=None) -> Path:
-    """Train in this process (tests, or when subprocesses are unwanted); peak memory is then the process's."""
+    """Train in this process (tests, or when subprocesses are unwanted); peak RSS is then the process's, while the
+    GPU's peak is counted afresh for each method."""
+    import torch
+
     from multitask.training.trainer import Trainer
 
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()  # the current device's: the one a single-process run trains on
     encoder = encoder_factory() if encoder_factory is not None else None
     Trainer(experiment, run_dir, encoder=encoder, tokenizer=tokenizer, progress=False).train()
     return run_dir

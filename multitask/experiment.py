@@ -53,9 +53,11 @@ class FrozenCacheConfig:
     dtype: Literal["float16", "bfloat16", "float32"] = field(
         default="bfloat16", metadata={"help": "Stored precision of the cached hidden states."}
     )
-    location: Literal["memory", "disk"] = field(
+    location: Literal["memory", "device", "host", "disk"] = field(
         default="memory",
-        metadata={"help": "memory: this run only; disk: memory-mapped arrays under cache_dir, keyed by encoder, "
+        metadata={"help": "memory: this run only, on a GPU run in the GPU's memory when the whole cache fits max_gb "
+                  "(and half the GPU's free memory), else in pinned host memory; device / host: the GPU's / the "
+                  "host's memory, this run only; disk: memory-mapped arrays under cache_dir, keyed by encoder, "
                   "frozen prefixes, tokenizer and task data, reused by later runs."},
     )
     max_gb: float = field(
@@ -212,8 +214,10 @@ class ExperimentConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"help": "Evaluation cadence."})
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
         default="auto",
-        metadata={"help": "Autocast precision. auto: bf16 where the device computes it natively (CUDA with bf16, a "
-                  "CPU with AVX512-BF16 or AMX), else fp32; the log and the report say which."},
+        metadata={"help": "Autocast precision. auto: bf16 where the device computes it natively (a GPU of compute "
+                  "capability 8.0 or later, a CPU with AVX512-BF16 or AMX), else fp16 with the gradient scaler on a "
+                  "GPU, fp32 on a CPU; the log and the report say which. On a GPU, prefix and linear_probe runs in "
+                  "bf16 or fp16 hold the frozen encoder's matrices in that precision, and fp32 uses TF32."},
     )
     device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda[:N]."})
     seed: int = field(default=13, metadata={"help": "Seed of everything random (sampler, shuffles, init, dropout)."})

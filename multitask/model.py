@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 from multitask.backbone import encoder_shape, freeze
 from multitask.encoder_stages import lower_states, upper_output
 from multitask.heads import EncoderOutput
-from multitask.prefix.bank import PrefixBank, PrefixLayout
+from multitask.prefix.bank import BatchTasks, PrefixBank, PrefixLayout
 from multitask.prefix.mixture import input_summary
 
 
@@ -29,6 +29,16 @@ class ModelInputs:
     token_type_ids: torch.Tensor | None = None
     states: torch.Tensor | None = None
     boundary: int = 0
+    tasks: BatchTasks | None = None  # which tasks the rows hold, worked out on the host (see batch_tasks)
+    # Whether some row is padded, known on the host (None: not known). Without padding the encoder gets no mask:
+    # transformers would otherwise read the mask back from the device to find that out, in every forward.
+    padded: bool | None = None
+
+    def batch_tasks(self) -> BatchTasks:
+        """The batch's tasks and each one's rows; computed once, where the task ids are, and carried by ``to``."""
+        if self.tasks is None:
+            self.tasks = BatchTasks.of(self.task_ids)
+        return self.tasks
 
     @classmethod
     def of_task(cls, batch, task_id: int) -> "ModelInputs":
@@ -42,9 +52,20 @@ class ModelInputs:
                            take(self.token_type_ids), take(self.states), self.boundary)
 
     def to(self, device: torch.device | str) -> "ModelInputs":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        """On ``device``, with the batch's tasks worked out before the ids leave the host. Copies to a GPU do not
+        block the host (a copy from pageable memory is staged before it returns, so the source may change after)."""
+        non_blocking = torch.device(device).type == "cuda"
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        tasks = self.batch_tasks().to(device, non_blocking=non_blocking)
+        padded = self.padded
+        if padded is None and self.attention_mask.device.type == "cpu":
+            padded = not bool(self.attention_mask.all())
         return ModelInputs(move(self.input_ids), move(self.attention_mask), move(self.task_ids),
-                           move(self.token_type_ids), move(self.states), self.boundary)
+                           move(self.token_type_ids), move(self.states), self.boundary, tasks, padded)
+
+    def encoder_mask(self) -> torch.Tensor | None:
+        """The padding mask the encoder's layers need: none where no row is padded (known on the host)."""
+        return None if self.padded is False else self.attention_mask
 
 
 @dataclass
@@ -122,22 +143,22 @@ class MultiTaskModel(nn.Module):
         bank = self.prefix_bank
         summary = input_summary(self.encoder.get_input_embeddings(), inputs.input_ids, inputs.attention_mask) \
             if bank.needs_summary else None
-        return bank(inputs.task_ids, summary)
+        return bank(inputs.task_ids, summary, inputs.batch_tasks())
 
     def encode_lower(self, inputs: ModelInputs, boundary: int) -> torch.Tensor:
         """The hidden states entering layer ``boundary`` (prefixes of the layers below included)."""
         prefix = self._prefix(inputs) if self.prefix_bank is not None and boundary else None
-        return lower_states(self.encoder, inputs.input_ids, inputs.attention_mask, inputs.token_type_ids, boundary,
+        return lower_states(self.encoder, inputs.input_ids, inputs.encoder_mask(), inputs.token_type_ids, boundary,
                             prefix)
 
     def encode(self, inputs: ModelInputs) -> EncoderOutput:
         prefix = self._prefix(inputs) if self.prefix_bank is not None else None
         if inputs.states is not None:
-            last, pooled = upper_output(self.encoder, inputs.states, inputs.attention_mask, inputs.boundary, prefix)
+            last, pooled = upper_output(self.encoder, inputs.states, inputs.encoder_mask(), inputs.boundary, prefix)
             return EncoderOutput(last, inputs.attention_mask, pooled)
         extra = {} if inputs.token_type_ids is None else {"token_type_ids": inputs.token_type_ids}
         output = self.encoder(
-            input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, prefix_kv=prefix, **extra
+            input_ids=inputs.input_ids, attention_mask=inputs.encoder_mask(), prefix_kv=prefix, **extra
         )
         return EncoderOutput(output.last_hidden_state, inputs.attention_mask, getattr(output, "pooler_output", None))
 
@@ -145,8 +166,8 @@ class MultiTaskModel(nn.Module):
         """Logits per task present in the batch, with the batch rows they belong to."""
         encoded = self.encode(inputs)
         results = {}
-        for task_id in torch.unique(inputs.task_ids).tolist():
-            rows = (inputs.task_ids == task_id).nonzero(as_tuple=True)[0]
+        batch_tasks = inputs.batch_tasks()
+        for task_id, rows in zip(batch_tasks.ids, batch_tasks.rows):
             part = EncoderOutput(
                 encoded.hidden_states[rows],
                 encoded.attention_mask[rows],

@@ -106,5 +106,6 @@ output_dir: {root / "runs" / "tiny"}
 cache_dir: {root / "cache"}
 seed: 3
 precision: fp32
+device: cpu
 """.lstrip(), encoding="utf-8")
     return config

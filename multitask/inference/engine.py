@@ -132,8 +132,8 @@ class InferenceEngine:
         for batch in eval_batches([len(items[i][1]) for i in firsts], self.batch_size, MIN_FILL):
             indices = [firsts[b] for b in batch]
             inputs = pad_inputs([items[i][1] for i in indices], [task_ids[i] for i in indices], self.pad_id)
-            with autocast(self.device, self.precision):
-                states = self.model.encode_lower(inputs.to(self.device), boundary).float().cpu()
+            with autocast(self.device, self.precision):  # kept on the device: the batches pad them there
+                states = self.model.encode_lower(inputs.to(self.device), boundary).float()
             for row, index in enumerate(indices):
                 computed[index] = states[row, : len(items[index][1])]
         return boundary, [computed[owner[i]] for i in range(len(items))]

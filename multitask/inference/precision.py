@@ -1,4 +1,5 @@
-"""Which autocast precision a run uses: ``auto`` picks bf16 where the hardware computes it natively."""
+"""Which autocast precision a run uses: ``auto`` picks bf16 where the hardware computes it natively (fp16 on older
+GPUs)."""
 
 from __future__ import annotations
 
@@ -26,17 +27,22 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
 
 
 def bf16_supported(device: torch.device, flags: set[str] | None = None) -> bool:
+    """Whether the device computes bf16 natively. On CUDA, emulated bf16 (V100, T4: before compute capability 8.0)
+    does not count: it runs slower attention kernels than fp16 there."""
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return bool((cpu_flags() if flags is None else flags) & set(CPU_BF16_FLAGS))
     return False
 
 
 def resolve_precision(requested: str, device: torch.device, flags: set[str] | None = None) -> tuple[str, str]:
-    """The precision to use, and why (for the log and the report)."""
+    """The precision to use, and why (for the log and the report). ``auto`` on a GPU without native bf16 takes fp16
+    (with the gradient scaler, in training): every CUDA card computes it natively, and it beats fp32 there."""
     if requested != "auto":
         return requested, "set in the experiment"
     if bf16_supported(device, flags):
         return "bf16", f"auto: {device.type} computes bf16 natively"
+    if device.type == "cuda":
+        return "fp16", "auto: no native bf16 on this GPU; fp16 with the gradient scaler"
     return "fp32", f"auto: no native bf16 on this {device.type}"

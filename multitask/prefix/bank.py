@@ -131,6 +131,29 @@ def plan_layout(config: PrefixBankConfig, requests: list[TaskPrefixRequest]) -> 
     return PrefixLayout(prefixes, task_prefixes, attention)
 
 
+@dataclass(frozen=True)
+class BatchTasks:
+    """Which tasks a batch holds, worked out on the host once per batch: the sorted task ids present, each row's
+    index among them, and each task's rows. On a GPU, reading them back from device tensors in every forward (and
+    in every layer) would stall the host until the device caught up."""
+
+    ids: tuple[int, ...]
+    position: torch.Tensor
+    rows: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def of(cls, task_ids: torch.Tensor) -> "BatchTasks":
+        """From the batch's task ids (on the host, before they travel; read back from a device otherwise)."""
+        unique = torch.unique(task_ids, sorted=True)
+        position = torch.searchsorted(unique, task_ids)
+        rows = tuple((position == index).nonzero(as_tuple=True)[0] for index in range(len(unique)))
+        return cls(tuple(unique.tolist()), position, rows)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "BatchTasks":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return BatchTasks(self.ids, move(self.position), tuple(move(r) for r in self.rows))
+
+
 @dataclass
 class LayerPrefix:
     """One attention layer's prefix: keys/values ``(batch, heads, P, head_dim)``, mask ``(batch, P)`` (False where an
@@ -140,6 +163,8 @@ class LayerPrefix:
     values: torch.Tensor
     mask: torch.Tensor
     fully_visible: bool
+    # Layers with the same key see the same prefix positions: the attention mask widened for one serves them all.
+    mask_key: int = -1
 
 
 @dataclass
@@ -157,6 +182,8 @@ class PrefixKV:
     mask: torch.Tensor
     columns: list[list[int] | None] | None = None
     full: list[bool] | None = None  # per layer: every example sees every kept position
+    # per layer: ``columns`` as a slice or an index tensor on the batch's device (see PrefixBank._depth_plan)
+    column_index: list[slice | torch.Tensor | None] | None = None
 
     def layer(self, index: int) -> LayerPrefix | None:
         mask = self.mask if self.mask.dim() == 2 else self.mask[:, index]
@@ -165,9 +192,11 @@ class PrefixKV:
         if columns is not None:
             if not columns:
                 return None
-            keys, values, mask = keys[:, :, columns], values[:, :, columns], mask[:, columns]
-        full = bool(mask.all()) if self.full is None else self.full[index]
-        return LayerPrefix(keys, values, mask, full)
+            take = columns if self.column_index is None else self.column_index[index]
+            keys, values, mask = keys[:, :, take], values[:, :, take], mask[:, take]
+        full = bool(mask.all()) if self.full is None else self.full[index]  # the bank always says
+        same_everywhere = self.mask.dim() == 2 and columns is None
+        return LayerPrefix(keys, values, mask, full, -1 if same_everywhere else index)
 
 
 @dataclass
@@ -177,6 +206,9 @@ class PrefixInputs:
 
     joint: PrefixKV | None = None
     separate: PrefixKV | None = None
+    # Attention masks widened by the joint prefix in this forward pass, so that layers seeing the same prefix
+    # positions build it once (see multitask.prefix.injection).
+    widened: dict = field(default_factory=dict, repr=False, compare=False)
 
     def layer(self, index: int) -> tuple[LayerPrefix | None, LayerPrefix | None]:
         return tuple(None if kv is None else kv.layer(index) for kv in (self.joint, self.separate))
@@ -185,6 +217,14 @@ class PrefixInputs:
 # Depth plans kept per bank (one per set of tasks met in a batch): a server of thousands of tasks meets far more
 # sets than it can keep, so the least recently used are dropped.
 PLAN_CACHE_SIZE = 1024
+
+
+def _positions(positions: list[int], device: torch.device) -> slice | torch.Tensor:
+    """Sorted positions as a slice where they run without a gap (a view, nothing to upload), else an index tensor
+    on ``device`` (uploaded once by the caller's cache; a Python list would be uploaded at every use)."""
+    if positions == list(range(positions[0], positions[-1] + 1)):
+        return slice(positions[0], positions[-1] + 1)
+    return torch.tensor(positions, dtype=torch.long, device=device)
 
 
 class PrefixBank(nn.Module):
@@ -198,7 +238,8 @@ class PrefixBank(nn.Module):
         super().__init__()
         self.layout = layout
         self.num_layers = num_layers
-        self._plans: OrderedDict[tuple, tuple[torch.Tensor, list, list[bool]]] = OrderedDict()  # see _depth_plan
+        self._plans: OrderedDict[tuple, tuple] = OrderedDict()  # see _depth_plan
+        self._layer_index: dict[tuple, slice | torch.Tensor] = {}  # see _full_depth
         self.task_names = list(layout.task_prefixes)
         self._task_index = {task: index for index, task in enumerate(self.task_names)}
         if modules is None:
@@ -254,11 +295,13 @@ class PrefixBank(nn.Module):
                 rows[layer].extend([layer in encoder.layers] * encoder.length)
         return rows
 
-    def _depth_plan(self, tasks: tuple[str, ...], longest: int, attention: str) -> tuple[torch.Tensor, list, list[bool]]:
-        """For prefixes that differ between layers: each task's visible positions per layer ``(tasks, layers, P)``,
-        the positions each layer keeps (None: all of them), and whether every task sees all it keeps. It depends
-        only on the layout and the tasks in the batch, so it is worked out once per set of tasks."""
-        key = (tasks, longest, attention)
+    def _depth_plan(self, tasks: tuple[str, ...], longest: int, attention: str,
+                    device: torch.device) -> tuple[torch.Tensor, list, list[bool], list]:
+        """For prefixes that differ between layers: each task's visible positions per layer ``(tasks, layers, P)``
+        (on ``device``), the positions each layer keeps (None: all of them), whether every task sees all it keeps,
+        and the kept positions as a slice or an index tensor on ``device``. It depends only on the layout and the
+        tasks in the batch, so it is worked out (and uploaded) once per set of tasks."""
+        key = (tasks, longest, attention, device)
         if key in self._plans:
             self._plans.move_to_end(key)
         else:
@@ -271,7 +314,8 @@ class PrefixBank(nn.Module):
                 kept = [p for p in range(longest) if any(v[layer][p] for v in visible)]
                 columns.append(None if len(kept) == longest else kept)
                 full.append(all(v[layer][p] for v in visible for p in kept))
-            self._plans[key] = (torch.tensor(visible, dtype=torch.bool), columns, full)
+            index = [_positions(kept, device) if kept else None for kept in columns]
+            self._plans[key] = (torch.tensor(visible, dtype=torch.bool, device=device), columns, full, index)
         return self._plans[key]
 
     def _full_depth(self, name: str, kv: torch.Tensor) -> torch.Tensor:
@@ -279,22 +323,25 @@ class PrefixBank(nn.Module):
         layers = self.encoders[name].layers
         if len(layers) == self.num_layers:
             return kv
+        key = (name, layers, kv.device)
+        if key not in self._layer_index:  # a prefix's layers never change: its index is uploaded once
+            self._layer_index[key] = _positions(list(layers), kv.device)
         full = kv.new_zeros((self.num_layers, *kv.shape[1:]))
-        full[list(layers)] = kv
+        full[self._layer_index[key]] = kv
         return full
 
-    def forward(self, task_ids: torch.Tensor, summary: torch.Tensor | None = None) -> PrefixInputs | None:
+    def forward(self, task_ids: torch.Tensor, summary: torch.Tensor | None = None,
+                batch_tasks: BatchTasks | None = None) -> PrefixInputs | None:
         """Gather each example's prefix; every prefix encoder runs once per call, however many examples use it.
         ``summary``: each input's pooled word embeddings ``(batch, hidden)``, which mixtures need (see
-        :meth:`needs_summary`)."""
-        unique_ids = torch.unique(task_ids, sorted=True)
-        tasks = tuple(self.task_names[i] for i in unique_ids.tolist())
+        :meth:`needs_summary`); ``batch_tasks``: the batch's tasks, worked out on the host (else from ``task_ids``)."""
+        batch_tasks = batch_tasks if batch_tasks is not None else BatchTasks.of(task_ids)
+        tasks = tuple(self.task_names[i] for i in batch_tasks.ids)
         if not any(self.prefix_length(task) for task in tasks):
             return None
         computed = {name: self._full_depth(name, self.encoders[name]())
                     for name in {n for t in tasks for n in self.layout.task_prefixes[t]}}
-        position = torch.searchsorted(unique_ids, task_ids)
-        return PrefixInputs(*(self._assemble(tasks, position, computed, attention, summary)
+        return PrefixInputs(*(self._assemble(tasks, batch_tasks, computed, attention, summary)
                               for attention in ("joint", "separate")))
 
     @property
@@ -302,7 +349,7 @@ class PrefixBank(nn.Module):
         """Whether some prefix depends on the input (a mixture), so forward needs the inputs' summaries."""
         return len(self.mixtures) > 0
 
-    def _mixed(self, kv: torch.Tensor, tasks: tuple[str, ...], names: list[list[str]], position: torch.Tensor,
+    def _mixed(self, kv: torch.Tensor, tasks: tuple[str, ...], names: list[list[str]], batch_tasks: BatchTasks,
                summary: torch.Tensor | None) -> torch.Tensor:
         """``kv`` with each mixture prefix's per-input sum of sources added at that prefix's positions."""
         delta = None
@@ -313,14 +360,14 @@ class PrefixBank(nn.Module):
                 if name in self.mixtures:
                     if summary is None:
                         raise ValueError(f"prefix {name!r} mixes sources per input: forward needs the inputs' summary")
-                    rows = (position == index).nonzero(as_tuple=True)[0]
+                    rows = batch_tasks.rows[index]
                     delta = torch.zeros_like(kv) if delta is None else delta
                     mixed = self._full_depth(name, self.mixtures[name](summary[rows]).transpose(0, 1)).transpose(0, 1)
                     delta[rows, :, :, :, offset : offset + length] = mixed.to(delta.dtype)
                 offset += length
         return kv if delta is None else kv + delta
 
-    def _assemble(self, tasks: tuple[str, ...], position: torch.Tensor, computed: dict[str, torch.Tensor],
+    def _assemble(self, tasks: tuple[str, ...], batch_tasks: BatchTasks, computed: dict[str, torch.Tensor],
                   attention: str, summary: torch.Tensor | None = None) -> PrefixKV | None:
         """Each example's prefixes attended one way, concatenated in its task's order and padded to the longest."""
         names = [self._attended(task, attention) for task in tasks]
@@ -333,16 +380,19 @@ class PrefixBank(nn.Module):
         for task_names, length in zip(names, lengths):
             parts = [computed[name] for name in task_names] or [template[:, :, :, :0]]
             per_task.append(nn.functional.pad(torch.cat(parts, dim=3), (0, 0, 0, longest - length)))
+        position = batch_tasks.position
         kv = torch.stack(per_task)[position]  # (batch, layers, 2, heads, P, head_dim)
         if self.mixtures:
-            kv = self._mixed(kv, tasks, names, position, summary)
+            kv = self._mixed(kv, tasks, names, batch_tasks, summary)
         kv = self.dropout(kv)
         if self.every_layer:
             masks = torch.stack([torch.arange(longest, device=position.device) < length for length in lengths])
-            return PrefixKV(keys=kv[:, :, 0], values=kv[:, :, 1], mask=masks[position])
-        masks, columns, full = self._depth_plan(tasks, longest, attention)
-        return PrefixKV(keys=kv[:, :, 0], values=kv[:, :, 1], mask=masks.to(position.device)[position],
-                        columns=columns, full=full)
+            # every task of the batch has a row in it, so every row sees every position when all are longest
+            fully = [all(length == longest for length in lengths)] * self.num_layers
+            return PrefixKV(keys=kv[:, :, 0], values=kv[:, :, 1], mask=masks[position], full=fully)
+        masks, columns, full, index = self._depth_plan(tasks, longest, attention, position.device)
+        return PrefixKV(keys=kv[:, :, 0], values=kv[:, :, 1], mask=masks[position], columns=columns, full=full,
+                        column_index=index)
 
     def fold(self) -> None:
         """Replace every reparameterised encoder by its flat equivalent (for saving and fast inference)."""

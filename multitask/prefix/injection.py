@@ -50,6 +50,21 @@ def _widen_mask(
     return torch.cat([prefix_part, mask.expand(batch, -1, -1, -1)], dim=-1)
 
 
+def _widened_once(
+    prefix_kv: PrefixInputs, mask: torch.Tensor | None, prefix: LayerPrefix, query: torch.Tensor, additive: bool
+) -> torch.Tensor | None:
+    """``_widen_mask``, built once per forward pass for all the layers that see the same prefix positions (every
+    layer, where prefixes span them all) instead of once per layer. The layers share one padding mask object,
+    which the cache holds (so its id cannot be reused) and checks."""
+    key = (prefix.mask_key, id(mask), additive, query.shape[2], query.dtype)
+    hit = prefix_kv.widened.get(key)
+    if hit is not None and hit[0] is mask:
+        return hit[1]
+    widened = _widen_mask(mask, prefix, query, additive)
+    prefix_kv.widened[key] = (mask, widened)
+    return widened
+
+
 def _separate_prefix_attention(
     module, query: torch.Tensor, prefix: LayerPrefix, scaling: float | None = None, dropout: float = 0.0, **_
 ) -> torch.Tensor:
@@ -82,7 +97,7 @@ def _with_prefix(base: Callable, additive_mask: bool) -> Callable:
         if joint is not None:
             key = torch.cat([joint.keys.to(key.dtype), key], dim=2)
             value = torch.cat([joint.values.to(value.dtype), value], dim=2)
-            attention_mask = _widen_mask(attention_mask, joint, query, additive_mask)
+            attention_mask = _widened_once(prefix_kv, attention_mask, joint, query, additive_mask)
         output, weights = base(module, query, key, value, attention_mask, **kwargs)
         if separate is not None:
             output = output + _separate_prefix_attention(module, query, separate, **kwargs)
@@ -91,12 +106,28 @@ def _with_prefix(base: Callable, additive_mask: bool) -> Callable:
     return attention
 
 
+# Devices whose padding masks are never read back to decide whether to skip them (reading costs a wait there).
+NO_READ_BACK_DEVICES = ("cuda",)
+
+
+def _mask_without_read_back(build: Callable) -> Callable:
+    """A mask builder that, for a padding mask on a GPU, never asks the device whether the mask can be skipped
+    (transformers would read ``mask.all()`` back in every forward): the model passes no mask at all for a batch
+    it knows on the host to be unpadded (``ModelInputs.encoder_mask``). Elsewhere the builder is unchanged."""
+    def mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
+        if attention_mask is not None and attention_mask.device.type in NO_READ_BACK_DEVICES:
+            kwargs["allow_is_bidirectional_skip"] = False
+        return build(*args, attention_mask=attention_mask, **kwargs)
+
+    return mask
+
+
 def register_prefix_attention() -> None:
     """Idempotently register the prefix-aware attention functions and their mask builders."""
     AttentionInterface.register(PREFIX_ATTENTION["sdpa"], _with_prefix(sdpa_attention_forward, additive_mask=False))
     AttentionInterface.register(PREFIX_ATTENTION["eager"], _with_prefix(eager_attention_forward, additive_mask=True))
-    AttentionMaskInterface.register(PREFIX_ATTENTION["sdpa"], sdpa_mask)
-    AttentionMaskInterface.register(PREFIX_ATTENTION["eager"], eager_mask)
+    AttentionMaskInterface.register(PREFIX_ATTENTION["sdpa"], _mask_without_read_back(sdpa_mask))
+    AttentionMaskInterface.register(PREFIX_ATTENTION["eager"], _mask_without_read_back(eager_mask))
 
 
 register_prefix_attention()

@@ -36,7 +36,10 @@ class SharedGradientBalancer:
         grads = [p.grad for p in self.parameters if p.grad is not None]
         if not grads:
             return 1.0
-        norm = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads))
+        # One read-back for all parameters (not one per parameter, each a wait for the device), then the same
+        # double-precision sum in the same order as before.
+        squares = torch.stack([g.float().pow(2).sum() for g in grads]).tolist()
+        norm = math.sqrt(sum(squares))
         if not math.isfinite(norm) or norm == 0.0:  # an overflowed fp16 step is skipped by the scaler anyway
             return 1.0
         previous = self.norms.get(task)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from multitask.errors import ConfigError
 from multitask.training.rng import seed_everything
 
 T = TypeVar("T")
@@ -45,23 +47,51 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+# How long a rank may wait in a collective: rank 0 may tokenise or download for a long while before the others'
+# barrier returns, and nccl's default (10 minutes) would kill the job. MULTITASK_DIST_TIMEOUT_MINUTES changes it.
+DEFAULT_TIMEOUT_MINUTES = 120.0
+_barrier_group: Any = None  # gloo, for the barriers around rank 0's work on nccl runs: waiting there holds no GPU
+
+
+def process_group_timeout() -> timedelta:
+    text = os.environ.get("MULTITASK_DIST_TIMEOUT_MINUTES", "")
+    try:
+        minutes = float(text) if text else DEFAULT_TIMEOUT_MINUTES
+    except ValueError:
+        raise ConfigError(f"MULTITASK_DIST_TIMEOUT_MINUTES={text!r}: expected a number of minutes") from None
+    if minutes <= 0:
+        raise ConfigError(f"MULTITASK_DIST_TIMEOUT_MINUTES={text!r}: expected a positive number of minutes")
+    return timedelta(minutes=minutes)
+
+
 def init_process_group(device: torch.device) -> torch.device:
     """Join torchrun's process group (nccl on CUDA, gloo on CPU) and return this rank's device: cuda:LOCAL_RANK
     on GPUs, so each process drives its own. A no-op that returns ``device`` outside torchrun."""
+    global _barrier_group
     if not launched_by_torchrun():
         return device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        visible = torch.cuda.device_count()
+        if local >= visible:
+            raise ConfigError(f"rank with LOCAL_RANK={local} has no GPU of its own: this machine shows {visible}; "
+                              f"start at most {visible} processes per machine")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+        timeout = process_group_timeout()
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
+        if device.type == "cuda":
+            _barrier_group = dist.new_group(backend="gloo", timeout=timeout)
     return device
 
 
 def shutdown() -> None:
+    global _barrier_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _barrier_group = None
 
 
 def seed_rank(seed: int) -> None:
@@ -101,9 +131,10 @@ def rank_rows(indices: list[int]) -> list[int]:
     return indices[rank()::world_size()]
 
 
-def loss_share(terms: int, device: torch.device) -> tuple[float, float]:
+def loss_share(terms: int, total: int) -> tuple[float, float]:
     """This rank's share of the loss terms of the whole global batch (1.0 on one process), and that batch's number
-    of terms.
+    of terms, from this rank's ``terms`` and the global batch's ``total`` (every rank draws the same global batch,
+    so each knows the total without asking the others: no collective and no wait for the device).
 
     A task's loss is a mean over its terms (rows, or labelled tokens for NER), so the loss of the global batch is
     the sum of each rank's mean weighted by its share; scaling the local loss by share * world_size undoes DDP's
@@ -112,9 +143,7 @@ def loss_share(terms: int, device: torch.device) -> tuple[float, float]:
     """
     if world_size() == 1:
         return 1.0, float(terms)
-    total = torch.tensor(float(terms), dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return (terms / total.item() if total.item() else 0.0), total.item()
+    return (terms / total if total else 0.0), float(total)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
@@ -130,6 +159,15 @@ def gather_from_all(value: T) -> list[T]:
         return [value]
     values: list[Any] = [None] * world_size()
     dist.all_gather_object(values, value)
+    return values
+
+
+def gather_to_main(value: T) -> list[T] | None:
+    """Every rank's value, in rank order, on the main rank alone (None elsewhere): only it decodes and scores."""
+    if world_size() == 1:
+        return [value]
+    values: list[Any] | None = [None] * world_size() if is_main() else None
+    dist.gather_object(value, values, dst=0)
     return values
 
 
@@ -154,7 +192,7 @@ def gather_indexed(pairs: list[tuple[int, T]], count: int) -> list[T] | None:
     Each index in range(count) must come exactly once over all ranks: a shard that was dropped or counted twice
     would silently change the metrics, so it is an error instead.
     """
-    parts = gather_from_all(pairs)
+    parts = gather_to_main(pairs)
     if not is_main():
         return None
     values: list[Any] = [None] * count
@@ -175,10 +213,10 @@ def main_rank_first() -> Iterator[None]:
     so ranks never race on writing the same cache file."""
     waits = world_size() > 1
     if waits and not is_main():
-        dist.barrier()
+        dist.barrier(group=_barrier_group)
     yield
     if waits and is_main():
-        dist.barrier()
+        dist.barrier(group=_barrier_group)
 
 
 def allreduce_bytes(model: nn.Module) -> int:

@@ -3,7 +3,8 @@ input and reused in every later step and epoch.
 
 Below that layer nothing depends on a trained parameter, and with the frozen layers' dropout off their output for an
 input is the same every time. States are stored unpadded per input (so dynamic padding and length grouping keep
-working) and padded per batch. ``memory`` keeps them for this run; ``disk`` keeps them in memory-mapped ``.npy``
+working) and padded per batch. ``memory`` keeps them for this run (on a GPU run: in the GPU's memory when they fit,
+else pinned host memory; ``device`` and ``host`` choose); ``disk`` keeps them in memory-mapped ``.npy``
 arrays keyed by everything they depend on (encoder, boundary, frozen prefixes, tokenizer, the inputs, dtype), so a
 later run on the same data reuses them. The cache never grows beyond ``max_gb``: inputs past it are recomputed.
 """
@@ -47,7 +48,8 @@ class Budget:
 
 
 class MemoryStore:
-    """States of one task's inputs, in this process's memory."""
+    """States of one task's inputs, in this process's memory: the host's, or the GPU's (``location: device``), as
+    the states it is given are."""
 
     def __init__(self, dtype: torch.dtype, budget: Budget) -> None:
         self.dtype, self.budget = dtype, budget
@@ -183,6 +185,24 @@ def frozen_prefix_hash(model: MultiTaskModel, task: str, boundary: int) -> str:
     return digest.hexdigest()[:32]
 
 
+# Share of the GPU's free memory (when training starts) a cache may take by default: the rest is for activations.
+DEVICE_SHARE = 0.5
+
+
+def place(location: str, device: torch.device, needed: float, max_bytes: float) -> str:
+    """Where the states live: ``disk``, ``host`` (this process's memory) or ``device`` (the GPU's).
+
+    ``memory`` (the default) is the GPU's on a CUDA run when the whole cache fits ``max_gb`` and half the GPU's
+    free memory (no copies at all, each step reads its states where it runs), else the host's, pinned; on the CPU
+    it is the host's, as ``device`` is there too."""
+    if device.type != "cuda":
+        return "disk" if location == "disk" else "host"
+    if location != "memory":
+        return location
+    free, _ = torch.cuda.mem_get_info(device)
+    return "device" if needed <= min(max_bytes, DEVICE_SHARE * free) else "host"
+
+
 class FrozenLayerCache:
     """Cached states of the training inputs of every task that has frozen layers: those entering its own lowest
     layer with a trainable prefix (``boundaries``; tasks train one at a time, so each task has its own)."""
@@ -190,16 +210,20 @@ class FrozenLayerCache:
     def __init__(
         self, model: MultiTaskModel, config: FrozenCacheConfig, boundaries: dict[str, int],
         features: dict[str, list[Feature]], identity: dict, root: Path | None, rank: int = 0,
+        device: torch.device = torch.device("cpu"),
     ) -> None:
         self.model, self.config = model, config
         self.boundaries = {task: boundary for task, boundary in boundaries.items() if boundary > 0}
         self.dtype = TORCH_DTYPES[config.dtype]
         budget = Budget(config.max_gb * 1024**3)
         hidden = model.encoder.config.hidden_size
+        needed = sum(len(f) for task in self.boundaries for f in features[task]) * hidden * self.dtype.itemsize
+        self.location = place(config.location if root is not None or config.location != "disk" else "host", device,
+                              needed, budget.left)
         self.stores: dict[str, MemoryStore | DiskStore] = {}
         for task, boundary in self.boundaries.items():
             task_features = features[task]
-            if config.location == "disk" and root is not None:
+            if self.location == "disk":
                 key = _identity({**identity, "boundary": boundary, "dtype": config.dtype,
                                  "prefixes": frozen_prefix_hash(model, task, boundary)}, task_features)
                 folder = root / "frozen" / f"{key}-rank{rank}"
@@ -220,12 +244,32 @@ class FrozenLayerCache:
         self.hits += len(indices) - len(missing)
         self.misses += len(missing)
         if missing:
-            computed = {index: state.to(self.dtype).cpu() for index, state in zip(missing, compute(missing))}
-            store.put(computed)
-            found.update(computed)
+            states = compute(missing)
+            if states and states[0].device.type != "cpu":
+                kept, fresh = self._from_device(states)
+                store.put(dict(zip(missing, kept)))
+                found.update(zip(missing, fresh))
+            else:
+                computed = {index: state.to(self.dtype).cpu() for index, state in zip(missing, states)}
+                store.put(computed)
+                found.update(computed)
         return [found[index] for index in indices]
 
+    def _from_device(self, states: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """States computed on a GPU as the store keeps them and as this step uses them (each ``(tokens, hidden)``
+        in the cache dtype): packed back to back on the device in one cast; for a store outside the GPU, brought
+        over in one copy into pinned memory (so later uploads need not wait), not one blocking copy per input."""
+        packed = torch.cat(states).to(self.dtype)
+        lengths = [state.shape[0] for state in states]
+        fresh = list(packed.split(lengths))
+        if self.location == "device":
+            return fresh, fresh
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed)
+        return list(host.split(lengths)), fresh
+
     def summary(self) -> dict[str, Any]:
-        return {"boundaries": dict(self.boundaries), "hits": self.hits, "misses": self.misses,
+        return {"boundaries": dict(self.boundaries), "location": self.location, "hits": self.hits,
+                "misses": self.misses,
                 "stored_inputs": sum(store.stored for store in self.stores.values()),
                 "stored_bytes": sum(store.stored_bytes for store in self.stores.values())}

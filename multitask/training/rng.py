@@ -19,19 +19,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's generators; on CUDA, only its own GPU's (``device``): the GPUs visible to a rank on resume
+    may be fewer than those it saw here, and another rank's GPU is not this rank's to restore."""
     state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
+def restore_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """The generators ``rng_state`` captured; the saved GPU stream goes to this process's GPU (``device``).
+
+    States saved before per-rank capture hold every visible GPU's stream (``cuda``): this device's index is taken
+    where it exists, else the first, so a run resumed on fewer GPUs continues instead of failing."""
     random.setstate(state["python"])
     np.random.set_state(_numpy_legacy_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device is None or device.type != "cuda":
+        return
+    saved = state.get("cuda_device")
+    if saved is None and state.get("cuda"):
+        streams = state["cuda"]
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        saved = streams[index] if index < len(streams) else streams[0]
+    if saved is not None:
+        torch.cuda.set_rng_state(saved, device)
 
 
 def _numpy_state() -> tuple[Any, ...]:

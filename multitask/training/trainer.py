@@ -22,7 +22,7 @@ from multitask.encoder_stages import pad_states
 from multitask.errors import CheckpointError, ConfigError
 from multitask.experiment import ExperimentConfig
 from multitask.inference import InferenceEngine
-from multitask.inference.device import autocast, resolve_device
+from multitask.inference.device import autocast, cast_frozen_encoder, describe_device, enable_tf32, resolve_device
 from multitask.inference.precision import resolve_precision
 from multitask.model import ModelInputs, MultiTaskModel
 from multitask.prefix.initialization import initialize_prefixes
@@ -194,7 +194,11 @@ class Trainer:
         if experiment.prefix.init_from and saved is None:
             init_from_run(self.model, experiment.prefix.init_from, self.encoder_identity["fingerprint"])
         freeze_prefixes(self.model, experiment.prefix.freeze)
-        log.info("precision %s (%s)", self.precision, self.precision_reason)
+        self.tf32 = enable_tf32(self.device) and self.precision == "fp32"
+        self.encoder_dtype = cast_frozen_encoder(self.model, self.device, self.precision, experiment.method)
+        log.info("device %s; precision %s (%s)%s%s", describe_device(self.device), self.precision,
+                 self.precision_reason, "; TF32 matrix products" if self.tf32 else "",
+                 f"; frozen encoder held in {self.encoder_dtype}" if self.encoder_dtype else "")
         if experiment.encoder.gradient_checkpointing:
             enable_activation_checkpointing(self.model.encoder)
         self.frozen_cache = self._make_frozen_cache()
@@ -291,9 +295,10 @@ class Trainer:
         identity = {"encoder": self.encoder_identity["fingerprint"], "tokenizer": tokenizer_fingerprint(self.tokenizer)}
         root = Path(self.experiment.cache_dir) if self.experiment.cache_dir else None
         cache = FrozenLayerCache(self.model, settings, boundaries, {t.name: t.features["train"] for t in self.tasks},
-                                 identity, root, distributed.rank())
+                                 identity, root, distributed.rank(), self.device)
+        where = {"device": "GPU memory", "host": "host memory", "disk": "files under the cache dir"}[cache.location]
         log.info("frozen cache: states entering layer %s, %s, in %s (at most %.1f GB); layers below run without "
-                 "dropout", ", ".join(f"{n} {b}" for n, b in boundaries.items()), settings.dtype, settings.location,
+                 "dropout", ", ".join(f"{n} {b}" for n, b in boundaries.items()), settings.dtype, where,
                  settings.max_gb)
         return cache
 
@@ -308,6 +313,8 @@ class Trainer:
 
     def _with_cached_states(self, runtime: TaskRuntime, rows: list[int], inputs: ModelInputs) -> ModelInputs:
         states = self.frozen_cache.states(runtime.name, rows, lambda missing: self._lower_states(runtime, missing))
+        if self.device.type != "cpu":  # padded where the layers run (pinned or device states: nothing waits)
+            states = [state.to(self.device, non_blocking=True) for state in states]
         inputs.states = pad_states(states, inputs.input_ids.shape[1]).float()  # the precision the layers run in
         inputs.boundary = self.frozen_cache.boundaries[runtime.name]
         return inputs
@@ -340,7 +347,7 @@ class Trainer:
             "step": self.step, "model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "sampler": self.sampler.state_dict(), "streams": {k: s.state_dict() for k, s in self.streams.items()},
-            "rng": distributed.gather_from_all(rng_state()), "replicas": self.replicas,
+            "rng": distributed.gather_from_all(rng_state(self.device)), "replicas": self.replicas,
             "best_score": self.best_score, "best_step": self.best_step,
             "best_state": self.best_state, "bad_evals": self.bad_evals, "history": self.history,
             "elapsed": self.wall_time(), "examples_seen": self.examples_seen,
@@ -389,7 +396,7 @@ class Trainer:
             log.info("resuming a run saved by %d process(es) on %d; global batches stay %d per-rank batches",
                      len(states), distributed.world_size(), self.replicas)
         if distributed.rank() < len(states):
-            restore_rng_state(states[distributed.rank()])
+            restore_rng_state(states[distributed.rank()], self.device)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         tasks = [{"config": to_dict(t.task.config), "labels": t.task.labels} for t in self.tasks]
@@ -414,10 +421,19 @@ class Trainer:
             inputs = self._with_cached_states(runtime, rows, inputs)
         with autocast(self.device, self.precision):
             logits, _ = self.train_model(inputs.to(self.device))[runtime.name]
-            return runtime.task.loss(logits, batch.targets.to(self.device))
+            return runtime.task.loss(logits, batch.targets.to(self.device, non_blocking=True))
 
-    def train_step(self) -> tuple[str, float]:
-        """One optimiser step on the sampled task; returns the task and the loss of its global batch(es).
+    def _global_terms(self, runtime: TaskRuntime, indices: list[int], local_terms: int) -> int:
+        """The loss terms of the whole global batch: each rank collates it (rows of every rank) on the host, since
+        loss terms add up over rows; asking the other ranks would wait for the device at every micro-batch."""
+        if distributed.world_size() == 1:
+            return local_terms
+        batch = runtime.task.collate([runtime.features["train"][i] for i in indices], self.pad_id)
+        return runtime.task.loss_terms(batch.targets)
+
+    def train_step(self) -> tuple[str, torch.Tensor]:
+        """One optimiser step on the sampled task; returns the task and the loss of its global batch(es), a tensor
+        on the device (reading it back would make the host wait for the step: the loop reads losses in windows).
 
         Each rank trains on its rows of the global batch, its loss weighted by its share of the batch's loss terms
         (see ``distributed.loss_share``), so the step equals one process's step on the whole batch. With
@@ -435,7 +451,8 @@ class Trainer:
             # that it still joins DDP's all-reduce.
             taken = rows or indices[:1]
             batch = runtime.task.collate([runtime.features["train"][i] for i in taken], self.pad_id)
-            share, terms = distributed.loss_share(runtime.task.loss_terms(batch.targets) if rows else 0, self.device)
+            local_terms = runtime.task.loss_terms(batch.targets) if rows else 0
+            share, terms = distributed.loss_share(local_terms, self._global_terms(runtime, indices, local_terms))
             weight = terms / self.mean_terms[task_name] if task_name in self.mean_terms else 1.0
             with distributed.accumulation_context(self.train_model, sync=micro == accumulation - 1):
                 loss = self.batch_loss(runtime, taken, batch)
@@ -454,7 +471,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.average is not None:
             self.average.update()
-        return task_name, distributed.all_reduce_sum(total).item()
+        return task_name, distributed.all_reduce_sum(total)
 
     def evaluate_all(self, splits: list[str]) -> dict[str, dict[str, Any]]:
         """Evaluate every task on the given splits it has; returns task -> split -> Evaluation.
@@ -543,20 +560,21 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, disable=not self.progress or not distributed.is_main(),
                    desc="train", unit="step", mininterval=0.1 if sys.stderr.isatty() else 30.0)
         stop = False
-        while not stop and (progress := self.progress_done()) < 1.0:
+        unlogged: list[tuple[str, int, torch.Tensor]] = []  # losses still on the device: (task, step, loss)
+        progress = self.progress_done()
+        while not stop and progress < 1.0:
             self.scheduler.update(progress)
             seconds_before = self.train_seconds
             step_started = time.perf_counter()
             task, loss = self.train_step()
+            unlogged.append((task, self.step + 1, loss))
+            if self._read_losses_now(self.step + 1, len(unlogged)):  # inside the timing: the device's work counts
+                self._log_losses(unlogged, writer, bar)
             self.train_seconds += time.perf_counter() - step_started
             self.step += 1
-            self.history.add_loss(task, self.step, loss)
-            writer.add_scalar(f"train/loss/{task}", loss, self.step)
-            # The postfix first, without a redraw of its own (tqdm's default would redraw at every step), then the
-            # update, which redraws at most once per mininterval.
-            bar.set_postfix(task=task, loss=f"{loss:.4f}", minutes=f"{self.train_seconds / 60:.1f}", refresh=False)
-            bar.update(1)
-            done = self.progress_done() >= 1.0
+            bar.update(1)  # redraws at most once per mininterval
+            progress = self.progress_done()
+            done = progress >= 1.0
             evaluated = done or self._evaluation_due(seconds_before)
             if evaluated:
                 stop = self._periodic_evaluation(writer)
@@ -564,9 +582,34 @@ class Trainer:
                 self._save_state()
             if self.on_step is not None:
                 self.on_step(self.step)
+        self._log_losses(unlogged, writer, bar)  # a stop the clock could not foresee (early stopping)
         bar.close()
         writer.close()
         return self.finish()
+
+    def _read_losses_now(self, step: int, unlogged: int) -> bool:
+        """Whether the losses of the steps so far are read back from the device after ``step``: once a window of
+        LOSS_WINDOW steps is full, and before anything that saves or judges them (an evaluation, a checkpoint of
+        the state, the end). A clock that steers training (a time budget, evaluations by the minute) must time the
+        device's work, not its queueing: then every step is read back."""
+        optimization, evaluation = self.experiment.optimization, self.experiment.evaluation
+        checkpoint_every = evaluation.checkpoint_every
+        return (unlogged >= LOSS_WINDOW or optimization.max_minutes is not None or bool(evaluation.every_minutes)
+                or bool(evaluation.every_steps and step % evaluation.every_steps == 0)
+                or bool(checkpoint_every and step % checkpoint_every == 0) or step >= self.total_steps)
+
+    def _log_losses(self, unlogged: list[tuple[str, int, torch.Tensor]], writer, bar) -> None:
+        """The pending steps' losses into the history, TensorBoard and the progress bar, in one read-back."""
+        if not unlogged:
+            return
+        values = torch.stack([loss for _, _, loss in unlogged]).tolist()
+        for (task, step, _), value in zip(unlogged, values):
+            self.history.add_loss(task, step, value)
+            writer.add_scalar(f"train/loss/{task}", value, step)
+        # No redraw of its own (tqdm's default would redraw here): the next update redraws, once per mininterval.
+        bar.set_postfix(task=unlogged[-1][0], loss=f"{values[-1]:.4f}", minutes=f"{self.train_seconds / 60:.1f}",
+                        refresh=False)
+        unlogged.clear()
 
     def progress_done(self) -> float:
         """Fraction of training done: of the step budget, or of the time budget's training time (whichever is
@@ -576,7 +619,8 @@ class Trainer:
         if budget is not None:
             fractions.append(self.train_seconds / (60.0 * budget))
         progress = min(1.0, max(fractions))
-        return distributed.broadcast_from_main(progress)
+        # A step budget gives every rank the same fraction; only a clock needs rank 0's word (one broadcast a step).
+        return distributed.broadcast_from_main(progress) if budget is not None else progress
 
     def _evaluation_due(self, seconds_before: float) -> bool:
         evaluation = self.experiment.evaluation
@@ -609,6 +653,7 @@ class Trainer:
             "preparation_time_s": round(self.preparation_seconds, 3),
             "evaluation_minutes": {str(step): minutes for step, minutes in self.history.eval_minutes.items()},
             "precision": self.precision, "precision_reason": self.precision_reason,
+            "device": describe_device(self.device), "tf32": self.tf32, "frozen_encoder_dtype": self.encoder_dtype,
             "settings": {name: t.describe() for name, t in self.tunings.items()},
             "prefix_init_cosine": self.prefix_similarity,
             "parameters": parameters.render(),
@@ -617,7 +662,8 @@ class Trainer:
             "train_examples_seen": self.examples_seen,
             "peak_rss_bytes": rss_bytes("VmHWM"),
             "frozen_cache": None if self.frozen_cache is None else self.frozen_cache.summary(),
-            "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if self.device.type == "cuda" else None,
+            "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
+            else None,
         })
         if self.base is not None:
             report.meta["base"] = self.base.identity()
