@@ -96,7 +96,10 @@ class PrefixEncoder(nn.Module):
 
     @torch.no_grad()
     def fold(self) -> "PrefixEncoder":
-        """A flat encoder holding this encoder's current keys/values: same outputs, no MLP to save or run."""
+        """A flat encoder holding this encoder's current keys/values: same outputs, no MLP to save or run. A flat
+        encoder is its own fold (no copy: a server folds thousands of loaded prefixes)."""
+        if self.mlp is None:
+            return self
         flat_config = PrefixConfig(**{**self.config.__dict__, "reparameterize": False})
         with without_initialization():
             folded = PrefixEncoder(flat_config, self.encoder_layers, self.num_heads, self.head_dim)
