@@ -138,9 +138,12 @@ class InferenceEngine:
                 computed[index] = states[row, : len(items[index][1])]
         return boundary, [computed[owner[i]] for i in range(len(items))]
 
-    def predict(self, examples: dict[str, list[Any]]) -> dict[str, list[dict[str, Any]]]:
-        """Prediction records for parsed examples of any of the tasks, in one mixed-task pass."""
-        features = {name: self.featurize(name, task_examples) for name, task_examples in examples.items()}
+    def predict(self, examples: dict[str, list[Any]],
+                features: dict[str, list[Feature]] | None = None) -> dict[str, list[dict[str, Any]]]:
+        """Prediction records for parsed examples of any of the tasks, in one mixed-task pass (``features``: theirs,
+        when already made, e.g. by the server while it checked their size)."""
+        if features is None:
+            features = {name: self.featurize(name, task_examples) for name, task_examples in examples.items()}
         logits = self.logits(features)
         return {
             name: self._records(name, examples[name], self.tasks[name].decode(examples[name], features[name], logits[name]))

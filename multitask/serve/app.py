@@ -479,10 +479,11 @@ def create_app(served: Catalog | Fleet, settings: ServeSettings | None = None,
                 item.task.task.request_all_scores(item.example)
         if not items:
             return [], []
-        sizes = counter.count(items[0].task.task, items[0].task.run.tokenizer, [item.example for item in items])
-        for index, (windows, tokens) in enumerate(sizes):
-            limits.check_tokens(tokens, windows, f"{where}: inputs[{index}]")
-        return items, [windows for windows, _ in sizes]
+        windows = counter.featurize(items[0].task.task, items[0].task.run.tokenizer, [item.example for item in items])
+        for index, features in enumerate(windows):
+            limits.check_tokens(sum(len(f) for f in features), len(features), f"{where}: inputs[{index}]")
+        return [replace(item, features=tuple(features)) for item, features in zip(items, windows)], \
+            [len(features) for features in windows]
 
     def parse_predict(body: bytes) -> tuple[list[PredictRequest], list[tuple[list[Item], list[int]]]]:
         value = decode_json(body)

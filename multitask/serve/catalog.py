@@ -10,7 +10,7 @@ Names: every task is ``run/task``; a server of one run (and no store) names its 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ class Item:
     task: ServedTask
     example: Any
     catalog: "Catalog"
+    features: tuple | None = None  # its windows, when the parsing thread has featurized it already
 
 
 class Catalog:
@@ -136,8 +137,12 @@ class Catalog:
         by_task: dict[str, list[int]] = {}
         for index, item in enumerate(items):
             by_task.setdefault(item.task.key, []).append(index)
-        predictions = self.engine.predict({key: [items[i].example for i in indices]
-                                           for key, indices in by_task.items()})
+        examples = {key: [items[i].example for i in indices] for key, indices in by_task.items()}
+        features = None
+        if all(item.features is not None for item in items):  # tokenized once, while the request was parsed
+            features = {key: [replace(f, example_index=position) for position, i in enumerate(indices)
+                              for f in items[i].features] for key, indices in by_task.items()}
+        predictions = self.engine.predict(examples, features)
         results: list[Any] = [None] * len(items)
         for key, indices in by_task.items():
             for index, prediction in zip(indices, predictions[key]):

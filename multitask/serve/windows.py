@@ -13,25 +13,25 @@ import copy
 import threading
 from typing import Any
 
-from multitask.tasks.base import TaskType, featurize_examples
+from multitask.tasks.base import Feature, TaskType, featurize_examples
 
 # Tokenizers a parsing thread keeps copies of; more only after the served runs changed encoder, so start afresh.
 MAX_COPIES = 4
 
 
 class WindowCounter:
-    """``count(task, tokenizer, examples)`` -> (windows, tokens) per example, on this thread's tokenizer copy."""
+    """``featurize(task, tokenizer, examples)`` -> each example's features (its windows), on this thread's tokenizer
+    copy. The model pass reuses them, so an input is tokenized once."""
 
     def __init__(self) -> None:
         self._local = threading.local()
 
-    def count(self, task: TaskType, tokenizer: Any, examples: list[Any]) -> list[tuple[int, int]]:
-        windows, tokens = [0] * len(examples), [0] * len(examples)
+    def featurize(self, task: TaskType, tokenizer: Any, examples: list[Any]) -> list[list[Feature]]:
+        per_example: list[list[Feature]] = [[] for _ in examples]
         if examples:
             for feature in featurize_examples(task, examples, self._copy(tokenizer), training=False):
-                windows[feature.example_index] += 1
-                tokens[feature.example_index] += len(feature)
-        return list(zip(windows, tokens))
+                per_example[feature.example_index].append(feature)
+        return per_example
 
     def _copy(self, tokenizer: Any) -> Any:
         copies: dict[int, tuple[Any, Any]] = getattr(self._local, "copies", None) or {}
