@@ -1,0 +1,40 @@
+"""Settings of input prompts (``method: prompt``): length, prompt encoder, initialisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class PromptConfig:
+    length: int = field(
+        default=20,
+        metadata={"help": "Soft tokens in front of every input. They take positions of the encoder's own: an input "
+                  "may hold at most max_position_embeddings - length tokens."},
+    )
+    encoder: Literal["none", "mlp", "lstm"] = field(
+        default="none",
+        metadata={"help": "none: the soft tokens are trained directly (prompt tuning, Lester et al.); mlp or lstm: "
+                  "they are produced from trainable embeddings by a prompt encoder (P-Tuning v1; lstm: a "
+                  "two-layer BiLSTM then an MLP, as PEFT's PromptEncoder). Either way the checkpoint holds the "
+                  "tokens themselves (the encoder is folded)."},
+    )
+    hidden_size: int | None = field(
+        default=None, metadata={"help": "Hidden width of the prompt encoder (unset: the encoder's hidden size)."}
+    )
+    init: Literal["random", "vocab"] = field(
+        default="vocab",
+        metadata={"help": "random: normal at the scale of the encoder's word embeddings; vocab: the word embeddings "
+                  "of init_words, then of the training data's most frequent tokens (Lester et al.'s sampled "
+                  "vocabulary). With a prompt encoder this sets the embeddings it reads."},
+    )
+    init_words: list[str] = field(
+        default_factory=list, metadata={"help": "init: vocab: words whose embeddings start the soft tokens, in order."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.length < 1:
+            raise ValueError(f"length must be >= 1, got {self.length}")
+        if self.hidden_size is not None and self.hidden_size < 1:
+            raise ValueError(f"hidden_size must be >= 1, got {self.hidden_size}")
