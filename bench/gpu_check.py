@@ -287,7 +287,7 @@ def wait_ready(server, timeout: float) -> None:
 
 
 def _state_model(run_dir: Path) -> dict[str, torch.Tensor]:
-    from multitask.training.checkpoint import load_training_state
+    from multitask.training.state import load_training_state
 
     return load_training_state(run_dir)["model"]
 
@@ -344,7 +344,7 @@ def check_two_gpus(ctx: Context) -> str:
                      env={"MULTITASK_KILL_AT": "write:training_state.pt:2"})
     if killed.returncode == 0:
         raise AssertionError("the 2-process run was not killed")
-    from multitask.training.checkpoint import load_training_state
+    from multitask.training.state import load_training_state
 
     if load_training_state(run_dir)["replicas"] != 2:
         raise AssertionError("no state saved by the 2-process run")

@@ -19,12 +19,11 @@ import math
 import torch
 
 import common
+from multitask.data.batching import TaskBatchStream
 from multitask.model import ModelInputs
 from multitask.prefix.config import PrefixConfig
 from multitask.runtime import load_tokenizer
 from multitask.tasks.loading import load_task
-from multitask.training.batching import TaskBatchStream
-from multitask.model import ModelInputs
 
 TARGET = 3.0  # padded epoch time / dynamic epoch time
 

@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 
 from multitask.config import load_config
+from multitask.data.batching import TaskBatchStream
 from multitask.experiment import ExperimentConfig
 from multitask.runtime import load_tokenizer, prepare_tasks
-from multitask.training.batching import TaskBatchStream
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,9 @@ All variants see the same random batch and alternate round by round. Quote the r
 from __future__ import annotations
 
 import common
+from multitask.device import autocast
+from multitask.precision import resolve_precision
 from multitask.prefix.config import PrefixConfig
-from multitask.inference.device import autocast
-from multitask.inference.precision import resolve_precision
 
 TARGET = 0.8  # bf16 prefix step / fp32 prefix step (bench/README.md)
 BF16 = "prefix, bf16 autocast"

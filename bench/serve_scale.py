@@ -39,9 +39,9 @@ import httpx
 import torch
 
 import common
+from multitask.checkpoint import read_checkpoint, write_checkpoint
 from multitask.data.root import data_root
 from multitask.tasks.loading import load_task_data
-from multitask.training.checkpoint import read_checkpoint, write_checkpoint
 from multitask.utils.memory import rss_bytes
 
 SENTENCES_PER_TASK = 200

@@ -34,7 +34,7 @@ def _load_experiment(path: str, overrides: list[str]):
 def cmd_train(args: argparse.Namespace) -> None:
     """Train in this process, or, with --nproc N > 1, under torchrun on N local processes. Under torchrun every
     rank runs this; rank 0 alone writes the run directory (train.log included) and prints the report."""
-    from multitask.training import distributed
+    from multitask import parallel
 
     if args.nproc != 1:
         _launch_torchrun(args)
@@ -45,16 +45,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     experiment = _load_experiment(args.config, args.set)
     run_dir = Path(args.output_dir or experiment.output_dir or Path("runs") / experiment.name)
-    if distributed.is_main():
+    if parallel.is_main():
         ensure_writable(run_dir)  # before the log file opens there
-    _setup_logging(run_dir if distributed.is_main() else None)
-    if not distributed.is_main():
+    _setup_logging(run_dir if parallel.is_main() else None)
+    if not parallel.is_main():
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress lines, from rank 0
     try:
         report = Trainer(experiment, run_dir, config_path=Path(args.config), resume=args.resume,
                          progress=not args.no_progress).train()
     finally:
-        distributed.shutdown()
+        parallel.shutdown()
     if report is not None:
         print(render_markdown(report))
         print(f"run written to {run_dir} (report.json, report.md, report.html, checkpoint/, predictions/)")
@@ -63,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _launch_torchrun(args: argparse.Namespace) -> None:
     """Start this same `train` command (minus --nproc) under torchrun on this machine; several machines run
     torchrun themselves (README, "Distributed training")."""
-    from multitask.training.distributed import launched_by_torchrun
+    from multitask.parallel import launched_by_torchrun
 
     if args.nproc < 1:
         raise MultitaskError(f"--nproc must be at least 1, got {args.nproc}")
@@ -83,7 +83,7 @@ def _launch_torchrun(args: argparse.Namespace) -> None:
 
 def _check_gpus_for(processes: int, device_name: str) -> None:
     """On GPUs each process drives one of this machine's: more processes than GPUs would fail in every rank."""
-    from multitask.inference.device import resolve_device
+    from multitask.device import resolve_device
 
     device = resolve_device(device_name)
     if device.type != "cuda":
@@ -184,7 +184,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_tasks(args: argparse.Namespace) -> None:
-    from multitask.training.checkpoint import read_checkpoint
+    from multitask.checkpoint import read_checkpoint
     from multitask.training.grow import task_rows
 
     meta, _ = read_checkpoint(Path(args.run_dir))

@@ -10,13 +10,13 @@ from typing import Any
 import torch
 
 from multitask.data.root import data_root
+from multitask.device import cast_frozen_encoder, enable_tf32, resolve_device
 from multitask.errors import ConfigError, DataError
 from multitask.experiment import ExperimentConfig
 from multitask.inference import Evaluation, InferenceEngine
-from multitask.inference.device import cast_frozen_encoder, enable_tf32, resolve_device
 from multitask.inference.loading import load_checkpoint_model
-from multitask.inference.precision import resolve_precision
 from multitask.model import MultiTaskModel
+from multitask.precision import resolve_precision
 from multitask.reporting import RunReport, TaskReport, write_reports
 from multitask.runtime import load_tokenizer
 from multitask.tasks.base import TaskType

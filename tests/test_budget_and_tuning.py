@@ -12,11 +12,11 @@ import torch
 from multitask.compare import compare, with_budget
 from multitask.config import load_config
 from multitask.experiment import ExperimentConfig, OptimizationConfig
-from multitask.runtime import load_tasks
+from multitask.precision import resolve_precision
 from multitask.reporting.comparison import time_to_reach
+from multitask.runtime import load_tasks
 from multitask.tasks.ner import NerTask
 from multitask.training.optim import ProgressSchedule
-from multitask.inference.precision import resolve_precision
 from multitask.training.trainer import Trainer
 from multitask.tuning import resolve_tuning
 from tests.fixtures import write_project

@@ -34,8 +34,8 @@ from multitask.errors import DataError
 from multitask.experiment import ExperimentConfig
 from multitask.reporting import load_report
 from multitask.runtime import load_tokenizer, prepare_tasks
-from multitask.training.checkpoint import STATE_FILE
 from multitask.training.frozen_cache import Budget, DiskStore
+from multitask.training.state import STATE_FILE
 from tests.fixtures import write_project
 
 # A run whose every task has frozen layers below its prefix, so it writes a disk frozen cache too.

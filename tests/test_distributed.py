@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from multitask.cli import main
 from multitask.config import load_config
 from multitask.experiment import ExperimentConfig
-from multitask.training.checkpoint import load_training_state, trainable_state
+from multitask.training.state import load_training_state, trainable_state
 from multitask.training.trainer import Trainer
 from tests.fixtures import write_project
 

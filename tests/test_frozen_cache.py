@@ -16,8 +16,8 @@ from multitask.errors import ConfigError
 from multitask.experiment import ExperimentConfig
 from multitask.model import ModelInputs
 from multitask.run import load_run
-from multitask.training.checkpoint import trainable_state
 from multitask.training.frozen_cache import DiskStore, MemoryStore
+from multitask.training.state import trainable_state
 from multitask.training.trainer import Trainer
 from tests.fixtures import write_project
 

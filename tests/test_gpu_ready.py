@@ -13,21 +13,22 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from multitask import device as device_module
+from multitask import parallel
 from multitask.backbone import encoder_fingerprint
 from multitask.cli import main
 from multitask.config import load_config
+from multitask.device import cast_frozen_encoder, frozen_encoder_dtype, resolve_device
 from multitask.errors import ConfigError
 from multitask.experiment import ExperimentConfig, FrozenCacheConfig
-from multitask.inference import device as device_module
-from multitask.inference.device import cast_frozen_encoder, frozen_encoder_dtype, resolve_device
-from multitask.inference.precision import resolve_precision
 from multitask.model import ModelInputs
+from multitask.precision import resolve_precision
 from multitask.prefix import injection
 from multitask.prefix.bank import PrefixKV, TaskPrefixRequest, plan_layout
 from multitask.prefix.config import PrefixBankConfig, PrefixConfig
-from multitask.training import distributed, rng
 from multitask.training.frozen_cache import Budget, FrozenLayerCache, MemoryStore, place
 from multitask.training.trainer import Trainer
+from multitask.utils import rng
 from tests.fixtures import write_project
 from tests.test_prefix_layers import model_with
 from tests.test_prefix_model import batch, build_model
@@ -81,12 +82,12 @@ def test_a_state_saved_with_every_gpu_resumes_on_fewer(monkeypatch):
 
 def test_the_process_group_waits_long_enough_for_rank_0_and_says_how_to_change_it(monkeypatch):
     monkeypatch.delenv("MULTITASK_DIST_TIMEOUT_MINUTES", raising=False)
-    assert distributed.process_group_timeout() == timedelta(minutes=distributed.DEFAULT_TIMEOUT_MINUTES)
+    assert parallel.process_group_timeout() == timedelta(minutes=parallel.DEFAULT_TIMEOUT_MINUTES)
     monkeypatch.setenv("MULTITASK_DIST_TIMEOUT_MINUTES", "5")
-    assert distributed.process_group_timeout() == timedelta(minutes=5)
+    assert parallel.process_group_timeout() == timedelta(minutes=5)
     monkeypatch.setenv("MULTITASK_DIST_TIMEOUT_MINUTES", "soon")
     with pytest.raises(ConfigError, match=r"^MULTITASK_DIST_TIMEOUT_MINUTES='soon': expected a number of minutes$"):
-        distributed.process_group_timeout()
+        parallel.process_group_timeout()
 
 
 def test_joining_the_process_group_passes_the_timeout_and_refuses_a_rank_without_a_gpu(monkeypatch):
@@ -95,18 +96,18 @@ def test_joining_the_process_group_passes_the_timeout_and_refuses_a_rank_without
     monkeypatch.setenv("MULTITASK_DIST_TIMEOUT_MINUTES", "30")
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: calls.append((backend, kwargs)))
-    assert distributed.init_process_group(torch.device("cpu")) == torch.device("cpu")
+    assert parallel.init_process_group(torch.device("cpu")) == torch.device("cpu")
     assert calls == [("gloo", {"timeout": timedelta(minutes=30), "device_id": None})]
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ConfigError, match=r"^rank with LOCAL_RANK=1 has no GPU of its own: this machine shows 1; "):
-        distributed.init_process_group(CUDA)
+        parallel.init_process_group(CUDA)
 
 
 def test_the_loss_share_needs_no_collective(monkeypatch):
-    assert distributed.loss_share(3, 3) == (1.0, 3.0)
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    assert distributed.loss_share(3, 7) == (3 / 7, 7.0) and distributed.loss_share(0, 0) == (0.0, 0.0)
+    assert parallel.loss_share(3, 3) == (1.0, 3.0)
+    monkeypatch.setattr(parallel, "world_size", lambda: 2)
+    assert parallel.loss_share(3, 7) == (3 / 7, 7.0) and parallel.loss_share(0, 0) == (0.0, 0.0)
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp16")])
@@ -271,7 +272,7 @@ def test_training_losses_are_read_back_in_windows_and_all_kept(trained):
 
 def test_device_auto_says_when_it_falls_back_to_the_cpu(caplog):
     device_module._say_cpu_fallback.cache_clear()
-    with caplog.at_level(logging.INFO, logger="multitask.inference.device"):
+    with caplog.at_level(logging.INFO, logger="multitask.device"):
         assert resolve_device("auto") == torch.device("cpu")
         resolve_device("auto")
     assert caplog.messages == ["device auto: no CUDA device visible to torch, running on the CPU"]

@@ -18,8 +18,8 @@ from multitask.model import ModelInputs
 from multitask.prefix.adapt import adapt_key_values
 from multitask.run import load_run
 from multitask.tasks.base import featurize_examples
-from multitask.training.checkpoint import trainable_state
 from multitask.training.prefix_transfer import ScoringData
+from multitask.training.state import trainable_state
 from multitask.training.trainer import Trainer
 from tests.fixtures import write_project
 

@@ -24,9 +24,9 @@ from multitask.runtime import load_tokenizer, prepare_tasks
 from multitask.tasks.base import Feature
 from multitask.tasks.ner import TaggingFeature
 from multitask.tasks.qa import QAFeature
-from multitask.training.checkpoint import STATE_FILE, load_training_state
-from multitask.training.rng import restore_rng_state, rng_state, seed_everything
+from multitask.training.state import STATE_FILE, load_training_state
 from multitask.training.trainer import History, Trainer
+from multitask.utils.rng import restore_rng_state, rng_state, seed_everything
 from tests.fixtures import write_project
 
 

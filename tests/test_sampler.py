@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from multitask.data.batching import TaskBatchStream, eval_batches
 from multitask.errors import CheckpointError, ConfigError
-from multitask.training.batching import TaskBatchStream, eval_batches
 from multitask.training.sampler import SAMPLERS, make_sampler
 
 SIZES = {"a": 100, "b": 400, "c": 1500}

@@ -14,7 +14,7 @@ from multitask.config import load_config
 from multitask.errors import CheckpointError
 from multitask.experiment import ExperimentConfig
 from multitask.run import load_run
-from multitask.training.checkpoint import trainable_state
+from multitask.training.state import trainable_state
 from multitask.training.trainer import Trainer
 from tests.fixtures import write_project
 from tests.tiny import tiny_encoder

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from multitask import parallel
+from multitask.data.batching import eval_batches
+from multitask.device import autocast
 from multitask.encoder_stages import pad_states
-from multitask.inference.device import autocast
 from multitask.model import ModelInputs, MultiTaskModel
 from multitask.reporting.model import SplitResult
 from multitask.tasks.base import Feature, TaskType, featurize_examples
-from multitask.training import distributed
-from multitask.training.batching import eval_batches
 from multitask.utils import faults
 
 # A batch takes no input shorter than this share of its longest: padding a sentence to a QA window costs more than
@@ -92,8 +92,8 @@ class InferenceEngine:
         items = [(name, feature) for name, task_features in features.items() for feature in task_features]
         task_ids = [self.model.task_id(name) for name, _ in items]
         shared = self._shared_lower_states(items, task_ids)
-        batches = distributed.shard(eval_batches([len(f) for _, f in items], self.batch_size, MIN_FILL))
-        show = self.progress and len(batches) >= PROGRESS_MIN_BATCHES and distributed.is_main()
+        batches = parallel.shard(eval_batches([len(f) for _, f in items], self.batch_size, MIN_FILL))
+        show = self.progress and len(batches) >= PROGRESS_MIN_BATCHES and parallel.is_main()
         computed: list[tuple[int, np.ndarray]] = []
         for indices in tqdm(batches, desc=desc, unit="batch", disable=None if show else True, leave=False):
             faults.reached("evaluation_batch")
@@ -109,7 +109,7 @@ class InferenceEngine:
                 for row, position in zip(output, rows.tolist()):
                     index = indices[position]
                     computed.append((index, row[: len(items[index][1])] if row.ndim == 2 else row))
-        gathered = distributed.gather_indexed(computed, len(items))
+        gathered = parallel.gather_indexed(computed, len(items))
         if gathered is None:
             return None
         per_task: dict[str, list[np.ndarray]] = {name: [] for name in features}

@@ -10,6 +10,7 @@ from typing import Any
 from multitask.backbone import (
     encoder_fingerprint, encoder_shape, fingerprint_matches, is_legacy_fingerprint, load_encoder,
 )
+from multitask.checkpoint import read_checkpoint
 from multitask.config import from_dict
 from multitask.errors import CheckpointError
 from multitask.experiment import ExperimentConfig
@@ -21,7 +22,6 @@ from multitask.runtime import add_lora, build_heads
 from multitask.tasks.base import TaskType
 from multitask.tasks.config import TaskConfig
 from multitask.tasks.loading import task_type_from_config
-from multitask.training.checkpoint import read_checkpoint
 
 
 @dataclass

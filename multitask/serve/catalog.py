@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from multitask.backbone import is_legacy_fingerprint
+from multitask.checkpoint import checkpoint_dir, read_meta
 from multitask.config import from_dict
 from multitask.errors import ConfigError
 from multitask.inference import InferenceEngine
@@ -22,7 +23,6 @@ from multitask.run import TrainedRun
 from multitask.serve.merge import merged_engine, qualified
 from multitask.tasks.base import TaskType
 from multitask.tasks.config import TaskConfig
-from multitask.training.checkpoint import checkpoint_dir, read_meta
 
 # Methods whose checkpoint changes the encoder itself: their encoder cannot be shared with another run.
 OWN_ENCODER_METHODS = ("full_ft", "lora")

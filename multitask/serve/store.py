@@ -3,7 +3,7 @@
 The store is read by listing it and looking at file stamps (modification time and size of each run's checkpoint
 files), which costs a few system calls per run, so a store of thousands of runs can be scanned every second. A run
 is loaded only when its stamp is new, and only whole: the checkpoint's own checksum must match its weights
-(:func:`multitask.training.checkpoint.read_checkpoint`), so a run still being copied in fails that check, is logged
+(:func:`multitask.checkpoint.read_checkpoint`), so a run still being copied in fails that check, is logged
 once, and is tried again when its files change.
 """
 

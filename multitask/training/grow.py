@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from multitask.backbone import encoder_shape
+from multitask.checkpoint import checkpoint_dir, read_checkpoint, read_meta, write_checkpoint
 from multitask.config import from_dict
 from multitask.errors import ConfigError
 from multitask.experiment import ExperimentConfig
@@ -33,7 +34,6 @@ from multitask.prefix.bank import SHARED, PrefixLayout, plan_layout
 from multitask.prefix.config import resolve_layers
 from multitask.runtime import build_heads, prefix_requests
 from multitask.tasks.base import TaskType
-from multitask.training.checkpoint import checkpoint_dir, read_checkpoint, read_meta, write_checkpoint
 from multitask.training.prefix_transfer import source_key_values
 from multitask.tuning import TaskTuning
 from multitask.utils.atomic import ensure_writable

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from multitask.device import autocast
 from multitask.errors import ConfigError
-from multitask.inference.device import autocast
 from multitask.model import ModelInputs, MultiTaskModel
 from multitask.prefix.adapt import adapt_key_values
 from multitask.prefix.encoder import PrefixEncoder

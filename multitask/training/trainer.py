@@ -15,40 +15,39 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from multitask import parallel
 from multitask.backbone import enable_activation_checkpointing, encoder_fingerprint, load_encoder
+from multitask.checkpoint import save_checkpoint
 from multitask.config import to_dict
+from multitask.data.batching import TaskBatchStream
 from multitask.data.cache import tokenizer_fingerprint
+from multitask.device import autocast, cast_frozen_encoder, describe_device, enable_tf32, resolve_device
 from multitask.encoder_stages import pad_states
 from multitask.errors import CheckpointError, ConfigError
 from multitask.experiment import ExperimentConfig
 from multitask.inference import InferenceEngine
-from multitask.inference.device import autocast, cast_frozen_encoder, describe_device, enable_tf32, resolve_device
-from multitask.inference.precision import resolve_precision
 from multitask.model import ModelInputs, MultiTaskModel
+from multitask.precision import resolve_precision
 from multitask.prefix.initialization import initialize_prefixes
-from multitask.prefix.transfer import freeze_prefixes, init_from_run
 from multitask.reporting import RunReport, TaskReport, write_reports
 from multitask.runtime import TaskRuntime, build_model, load_tokenizer, prepare_tasks
-from multitask.training import distributed
 from multitask.training.averaging import WeightAverage
 from multitask.training.balance import SharedGradientBalancer
-from multitask.training.batching import TaskBatchStream
-from multitask.training.checkpoint import (
-    load_training_state, save_checkpoint, save_training_state, trainable_state,
-)
 from multitask.training.frozen_cache import FrozenLayerCache, evaluating
 from multitask.training.grow import (
     build_grown_model, check_new_tasks, grown_tasks_meta, load_base, new_prefix_name, on_base_encoder,
     start_head_from_base, transfer_setting,
 )
-from multitask.training.prefix_transfer import mean_mixing_weights, score_candidates, start_prefix
+from multitask.training.init_from import freeze_prefixes, init_from_run
 from multitask.training.optim import ProgressSchedule, build_optimizer
-from multitask.training.rng import restore_rng_state, rng_state, seed_everything
+from multitask.training.prefix_transfer import mean_mixing_weights, score_candidates, start_prefix
 from multitask.training.sampler import make_sampler
-from multitask.utils.memory import rss_bytes
-from multitask.utils.atomic import ensure_writable, remove_stale_temporaries, write_json, write_jsonl
-from multitask.utils.readback import read_json_file
+from multitask.training.state import load_training_state, save_training_state, trainable_state
 from multitask.tuning import log_tuning, resolve_tuning, run_warmup_ratio
+from multitask.utils.atomic import ensure_writable, remove_stale_temporaries, write_json, write_jsonl
+from multitask.utils.memory import rss_bytes
+from multitask.utils.readback import read_json_file
+from multitask.utils.rng import restore_rng_state, rng_state, seed_everything
 
 log = logging.getLogger(__name__)
 LOSS_WINDOW = 10
@@ -133,7 +132,7 @@ class Trainer:
 
     ``encoder`` / ``tokenizer`` may be given directly (tests use tiny in-process ones); otherwise they are
     loaded from the experiment's encoder name. ``on_step`` is called after every optimiser step.
-    Under torchrun it trains data-parallel (see ``multitask.training.distributed``): every rank builds the same
+    Under torchrun it trains data-parallel (see ``multitask.parallel``): every rank builds the same
     Trainer, rank 0 alone writes the run directory, and ``train`` returns the report on rank 0 only.
     """
 
@@ -153,12 +152,12 @@ class Trainer:
         if experiment.num_threads:
             torch.set_num_threads(experiment.num_threads)
         seed_everything(experiment.seed)
-        self.device = distributed.init_process_group(resolve_device(experiment.device))
+        self.device = parallel.init_process_group(resolve_device(experiment.device))
         # A global batch is `replicas` per-rank batches: the world size the run started with, kept on resume, so
         # a run continues on any number of processes along the same batches and schedule.
-        self.replicas: int = saved["replicas"] if saved else distributed.world_size()
+        self.replicas: int = saved["replicas"] if saved else parallel.world_size()
         self.tokenizer = tokenizer or load_tokenizer(experiment.encoder.name)
-        with distributed.main_rank_first():
+        with parallel.main_rank_first():
             self.tasks = prepare_tasks(experiment, config_path, self.tokenizer)
         for runtime in self.tasks:
             if not runtime.features.get("train"):
@@ -202,8 +201,8 @@ class Trainer:
         if experiment.encoder.gradient_checkpointing:
             enable_activation_checkpointing(self.model.encoder)
         self.frozen_cache = self._make_frozen_cache()
-        self.train_model = distributed.wrap(self.model, self.device)  # what training steps call; self.model elsewhere
-        distributed.seed_rank(experiment.seed)
+        self.train_model = parallel.wrap(self.model, self.device)  # what training steps call; self.model elsewhere
+        parallel.seed_rank(experiment.seed)
         sizes = {t.name: len(t.features["train"]) for t in self.tasks}
         self.sampler = make_sampler(experiment.sampler.name, sizes, experiment.seed, **experiment.sampler.options())
         self.total_steps = total_steps(experiment, self.tasks, self.replicas, self.sampler.probabilities())
@@ -295,7 +294,7 @@ class Trainer:
         identity = {"encoder": self.encoder_identity["fingerprint"], "tokenizer": tokenizer_fingerprint(self.tokenizer)}
         root = Path(self.experiment.cache_dir) if self.experiment.cache_dir else None
         cache = FrozenLayerCache(self.model, settings, boundaries, {t.name: t.features["train"] for t in self.tasks},
-                                 identity, root, distributed.rank(), self.device)
+                                 identity, root, parallel.rank(), self.device)
         where = {"device": "GPU memory", "host": "host memory", "disk": "files under the cache dir"}[cache.location]
         log.info("frozen cache: states entering layer %s, %s, in %s (at most %.1f GB); layers below run without "
                  "dropout", ", ".join(f"{n} {b}" for n, b in boundaries.items()), settings.dtype, where,
@@ -335,7 +334,7 @@ class Trainer:
                 raise CheckpointError(f"{self.run_dir}: the config differs from the run being resumed "
                                       f"(keys: {', '.join(changed)}); resume with the same config, or start a new "
                                       f"run in another --output-dir")
-        if distributed.is_main():
+        if parallel.is_main():
             ensure_writable(self.run_dir)
             for stale in remove_stale_temporaries(self.run_dir):
                 log.info("removed %s, left by a write that was interrupted", stale)
@@ -347,7 +346,7 @@ class Trainer:
             "step": self.step, "model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "sampler": self.sampler.state_dict(), "streams": {k: s.state_dict() for k, s in self.streams.items()},
-            "rng": distributed.gather_from_all(rng_state(self.device)), "replicas": self.replicas,
+            "rng": parallel.gather_from_all(rng_state(self.device)), "replicas": self.replicas,
             "best_score": self.best_score, "best_step": self.best_step,
             "best_state": self.best_state, "bad_evals": self.bad_evals, "history": self.history,
             "elapsed": self.wall_time(), "examples_seen": self.examples_seen,
@@ -392,11 +391,11 @@ class Trainer:
         """Each rank continues its own random stream (dropout); a rank the saved run did not have keeps the fresh
         one from ``seed_rank``, so a run resumed on another number of processes matches the uninterrupted one up to
         dropout (exactly, without dropout, up to float rounding)."""
-        if len(states) != distributed.world_size():
+        if len(states) != parallel.world_size():
             log.info("resuming a run saved by %d process(es) on %d; global batches stay %d per-rank batches",
-                     len(states), distributed.world_size(), self.replicas)
-        if distributed.rank() < len(states):
-            restore_rng_state(states[distributed.rank()], self.device)
+                     len(states), parallel.world_size(), self.replicas)
+        if parallel.rank() < len(states):
+            restore_rng_state(states[parallel.rank()], self.device)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         tasks = [{"config": to_dict(t.task.config), "labels": t.task.labels} for t in self.tasks]
@@ -426,7 +425,7 @@ class Trainer:
     def _global_terms(self, runtime: TaskRuntime, indices: list[int], local_terms: int) -> int:
         """The loss terms of the whole global batch: each rank collates it (rows of every rank) on the host, since
         loss terms add up over rows; asking the other ranks would wait for the device at every micro-batch."""
-        if distributed.world_size() == 1:
+        if parallel.world_size() == 1:
             return local_terms
         batch = runtime.task.collate([runtime.features["train"][i] for i in indices], self.pad_id)
         return runtime.task.loss_terms(batch.targets)
@@ -436,7 +435,7 @@ class Trainer:
         on the device (reading it back would make the host wait for the step: the loop reads losses in windows).
 
         Each rank trains on its rows of the global batch, its loss weighted by its share of the batch's loss terms
-        (see ``distributed.loss_share``), so the step equals one process's step on the whole batch. With
+        (see ``parallel.loss_share``), so the step equals one process's step on the whole batch. With
         ``weight_by_terms`` a batch's loss also counts in proportion to its number of terms (NER: labelled tokens).
         """
         task_name = self.sampler.next_task()
@@ -446,17 +445,17 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for micro in range(accumulation):
             indices = self.streams[task_name].next_batch()
-            rows = distributed.rank_rows(indices)
+            rows = parallel.rank_rows(indices)
             # A global batch smaller than the world leaves a rank without rows: it runs one row at weight 0, so
             # that it still joins DDP's all-reduce.
             taken = rows or indices[:1]
             batch = runtime.task.collate([runtime.features["train"][i] for i in taken], self.pad_id)
             local_terms = runtime.task.loss_terms(batch.targets) if rows else 0
-            share, terms = distributed.loss_share(local_terms, self._global_terms(runtime, indices, local_terms))
+            share, terms = parallel.loss_share(local_terms, self._global_terms(runtime, indices, local_terms))
             weight = terms / self.mean_terms[task_name] if task_name in self.mean_terms else 1.0
-            with distributed.accumulation_context(self.train_model, sync=micro == accumulation - 1):
+            with parallel.accumulation_context(self.train_model, sync=micro == accumulation - 1):
                 loss = self.batch_loss(runtime, taken, batch)
-                self.scaler.scale(loss * (share * distributed.world_size() * weight) / accumulation).backward()
+                self.scaler.scale(loss * (share * parallel.world_size() * weight) / accumulation).backward()
             self.examples_seen += len(indices)
             total += loss.detach() * share / accumulation
         max_grad_norm = self.experiment.optimization.max_grad_norm
@@ -471,7 +470,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.average is not None:
             self.average.update()
-        return task_name, distributed.all_reduce_sum(total)
+        return task_name, parallel.all_reduce_sum(total)
 
     def evaluate_all(self, splits: list[str]) -> dict[str, dict[str, Any]]:
         """Evaluate every task on the given splits it has; returns task -> split -> Evaluation.
@@ -523,12 +522,12 @@ class Trainer:
                     main_scores.append(f"{task} {main} {value:.4f}")
                 for metric, score in evaluation.result.scores.items():
                     writer.add_scalar(f"{split}/{task}/{metric}", score, self.step)
-        score = distributed.broadcast_from_main(self._selection_score(results))
+        score = parallel.broadcast_from_main(self._selection_score(results))
         if score is None or score > self.best_score:
             self.best_score = -math.inf if score is None else score
             self.best_step, self.bad_evals = self.step, 0
             self.best_state = trainable_state(self.model)
-            if distributed.is_main():
+            if parallel.is_main():
                 save_checkpoint(self.run_dir, self.model, self.checkpoint_meta())
         else:
             self.bad_evals += 1
@@ -540,24 +539,24 @@ class Trainer:
     def _open_writer(self) -> Any:
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(str(self.run_dir / "tensorboard")) if distributed.is_main() else _NoWriter()
+        return SummaryWriter(str(self.run_dir / "tensorboard")) if parallel.is_main() else _NoWriter()
 
     def _save_state(self) -> None:
         state = self._state()  # on every rank: it gathers their random states
-        if distributed.is_main():
+        if parallel.is_main():
             save_training_state(self.run_dir, state)
 
     def train(self) -> RunReport | None:
         self.started = time.perf_counter()
         log.info("%s", self.model.parameter_summary().render())
-        if distributed.world_size() > 1:
+        if parallel.world_size() > 1:
             log.info("data parallel over %d processes: %s bytes of gradient all-reduced per step",
-                     distributed.world_size(), f"{distributed.allreduce_bytes(self.model):,}")
+                     parallel.world_size(), f"{parallel.allreduce_bytes(self.model):,}")
         writer = self._open_writer()
         checkpoint_every = self.experiment.evaluation.checkpoint_every
         total = self.total_steps if math.isfinite(self.total_steps) else None
         # Into a log file (not a terminal) the bar is redrawn every 30 s instead of every step.
-        bar = tqdm(total=total, initial=self.step, disable=not self.progress or not distributed.is_main(),
+        bar = tqdm(total=total, initial=self.step, disable=not self.progress or not parallel.is_main(),
                    desc="train", unit="step", mininterval=0.1 if sys.stderr.isatty() else 30.0)
         stop = False
         unlogged: list[tuple[str, int, torch.Tensor]] = []  # losses still on the device: (task, step, loss)
@@ -620,7 +619,7 @@ class Trainer:
             fractions.append(self.train_seconds / (60.0 * budget))
         progress = min(1.0, max(fractions))
         # A step budget gives every rank the same fraction; only a clock needs rank 0's word (one broadcast a step).
-        return distributed.broadcast_from_main(progress) if budget is not None else progress
+        return parallel.broadcast_from_main(progress) if budget is not None else progress
 
     def _evaluation_due(self, seconds_before: float) -> bool:
         evaluation = self.experiment.evaluation
@@ -640,7 +639,7 @@ class Trainer:
             self.average.copy_to_model()
         splits = sorted({s for t in self.tasks for s in t.features if s != "train"})
         results = self.evaluate_all(splits)
-        if not distributed.is_main():
+        if not parallel.is_main():
             return None
         parameters = self.model.parameter_summary()
         report = RunReport(tasks={}, meta={

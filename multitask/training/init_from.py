@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
+from multitask.checkpoint import read_checkpoint
 from multitask.errors import CheckpointError, ConfigError
 from multitask.model import MultiTaskModel
 from multitask.prefix.config import PrefixConfig
 from multitask.prefix.encoder import PrefixEncoder
-from multitask.training.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Capture and restore every random number generator, so a resumed run continues exactly.
+"""Capture and restore every random number generator, so a resumed run continues exactly (and seed them all).
 
 The captured state is plain data (ints, floats, strings, lists, tuples, tensors), so the training state that
 holds it loads with ``torch.load(weights_only=True)``; numpy's key array is kept as a list of ints.

@@ -1,5 +1,6 @@
 """Batches of example indices: an endless, resumable, shuffled stream per task for training, and
-fixed length-sorted batches for evaluation."""
+fixed length-sorted batches for evaluation. Index lists only (no model), beside the data they batch, so training
+and the inference engine share them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """Data-parallel training under torchrun: the process group, ranks, batch slices, sharded evaluation, traffic.
+Training and the inference engine (sharded evaluation) both use it, so it sits below both.
 
 Every rank follows the same task schedule and draws the same global batch of the step's task (the sampler and
 the batch streams are seeded alike and never look at the rank); rank r trains on its slice of that batch, and
@@ -22,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from multitask.errors import ConfigError
-from multitask.training.rng import seed_everything
+from multitask.utils.rng import seed_everything
 
 T = TypeVar("T")
 

@@ -1,5 +1,6 @@
 """Where and in which precision a model runs: the device named in a config, the matching autocast context, and
-what a GPU run sets up for speed (TF32, a half-precision frozen encoder)."""
+what a GPU run sets up for speed (TF32, a half-precision frozen encoder). Training, inference and serving all
+place models, so it sits below them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from multitask.backbone import encoder_fingerprint
 from multitask.errors import ConfigError
-from multitask.inference.precision import resolve_precision
+from multitask.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
