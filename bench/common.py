@@ -19,12 +19,13 @@ from typing import Callable, Sequence
 import torch
 
 from multitask.backbone import encoder_shape, load_encoder
+from multitask.data.features import Feature
 from multitask.data.root import data_root
 from multitask.heads import HEADS, HeadConfig
 from multitask.model import ModelInputs, MultiTaskModel
 from multitask.prefix.bank import TaskPrefixRequest, plan_layout
 from multitask.prefix.config import PrefixBankConfig, PrefixConfig
-from multitask.tasks.base import Feature, TaskType
+from multitask.tasks.base import TaskType
 from multitask.tasks.loading import load_task_data
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,10 +24,11 @@ import torch
 import common
 from multitask.config import load_config
 from multitask.data.batching import eval_batches
+from multitask.data.features import Feature
 from multitask.experiment import ExperimentConfig
 from multitask.model import ModelInputs
 from multitask.runtime import load_tasks, load_tokenizer
-from multitask.tasks.base import Feature, pad_features
+from multitask.tasks.base import pad_features
 
 TARGET = 0.9  # mixed throughput / task-by-task throughput
 

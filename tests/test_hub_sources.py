@@ -249,7 +249,7 @@ def test_class_labels_come_out_as_the_local_file_has_them(tmp_path, offline):
     assert hub.task.labels == ["0", "1"] and {e.label for e in hub.examples["train"]} == {"0", "1"}
     # The same ClassLabel column read as names would not match the task's labels.
     from multitask.data.hub import hub_records
-    from multitask.tasks.config import HubSource
+    from multitask.data.hub import HubSource
 
     names = hub_records(HubSource(name=str(tmp_path / "hub-copy"), split="train"), "tsv", None)
     assert [r.fields["label"] for r in names] == ["negative", "positive", "negative", "positive"]
@@ -267,7 +267,7 @@ def test_ner_class_label_tags_become_tag_names(tmp_path, offline):
 def test_flat_squad_rows_give_the_nested_readers_records(tmp_path, offline):
     from multitask.data.hub import hub_records
     from multitask.data.readers import read_records
-    from multitask.tasks.config import HubSource
+    from multitask.data.hub import HubSource
 
     (tmp_path / "dev.json").write_text(squad_json(True), encoding="utf-8")
     copy = save_copy(tmp_path / "copy", {"validation": squad_rows(True)})
@@ -280,7 +280,7 @@ def test_flat_squad_rows_give_the_nested_readers_records(tmp_path, offline):
 def test_flat_squad_rows_without_titles_are_numbered_like_untitled_articles(tmp_path, offline):
     from multitask.data.hub import hub_records
     from multitask.data.readers import read_records
-    from multitask.tasks.config import HubSource
+    from multitask.data.hub import HubSource
 
     one_paragraph_each = [(t, [p]) for t, ps in SQUAD_ARTICLES for p in ps]  # CMRC: one paragraph per article
     data = {"data": [{"paragraphs": [{"context": c, "qas": [

@@ -12,11 +12,11 @@ import torch
 
 from multitask.cli import main
 from multitask.config import load_config
+from multitask.data.features import Feature
 from multitask.errors import ConfigError, DataError
 from multitask.experiment import ExperimentConfig
 from multitask.inference.engine import pad_inputs
 from multitask.run import load_run
-from multitask.tasks.base import Feature
 from multitask.tasks.classification import text_features
 from multitask.tasks.loading import load_task
 from multitask.training.trainer import Trainer

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from multitask.cli import main
 from multitask.config import load_config
+from multitask.data.features import TaggingFeature
 from multitask.data.root import data_root
 from multitask.data.tag_schemes import to_iob2
 from multitask.errors import ConfigError
@@ -27,7 +28,7 @@ from multitask.tasks.classification import ClassificationTask, TextExample
 from multitask.tasks.config import TaskConfig, TaskData
 from multitask.tasks.loading import load_task, load_task_data
 from multitask.tasks.multilabel import MultiLabelTask
-from multitask.tasks.ner import NerOptions, NerTask, TaggingFeature, split_words
+from multitask.tasks.ner import NerOptions, NerTask, split_words
 from multitask.tasks.qa import QAExample, QAOptions, QATask
 from multitask.training.trainer import Trainer
 from tests.fixtures import write_project

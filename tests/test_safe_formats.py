@@ -16,14 +16,14 @@ import torch
 
 from multitask.cli import main
 from multitask.config import load_config
-from multitask.data.cache import cache_key, cached, feature_kinds
+from multitask.data.cache import FEATURE_KINDS, cache_key, cached
+from multitask.data.features import Feature, QAFeature, TaggingFeature
 from multitask.errors import CheckpointError
 from multitask.experiment import ExperimentConfig
 from multitask.run import load_run
 from multitask.runtime import load_tokenizer, prepare_tasks
-from multitask.tasks.base import Feature
-from multitask.tasks.ner import TaggingFeature
-from multitask.tasks.qa import QAFeature
+
+
 from multitask.training.state import STATE_FILE, load_training_state
 from multitask.training.trainer import History, Trainer
 from multitask.utils.rng import restore_rng_state, rng_state, seed_everything
@@ -88,7 +88,7 @@ def assert_identical(got: list, expected: list) -> None:
 
 # ---------------------------------------------------------------------------------------------- feature cache
 def test_every_feature_kind_round_trips_through_the_cache(tmp_path):
-    assert set(feature_kinds().values()) == {Feature, TaggingFeature, QAFeature}
+    assert set(FEATURE_KINDS.values()) == {Feature, TaggingFeature, QAFeature}
     features = all_kinds()
     built, hit = cached(tmp_path, "key", lambda: features)
     assert built is features and not hit
@@ -98,7 +98,7 @@ def test_every_feature_kind_round_trips_through_the_cache(tmp_path):
     assert_identical(again, features)
 
     # One kind at a time, and none at all.
-    for kind in feature_kinds().values():
+    for kind in FEATURE_KINDS.values():
         some = [f for f in features if type(f) is kind]
         cached(tmp_path, kind.__name__, lambda: some)
         assert_identical(cached(tmp_path, kind.__name__, lambda: pytest.fail("rebuilt"))[0], some)
@@ -128,7 +128,7 @@ def test_real_features_of_every_task_type_come_back_from_the_cache(tmp_path):
     second = prepare_tasks(experiment, config, tokenizer)
     for a, b in zip(first, second):
         for split in a.features:
-            assert a.features[split] and {type(f) for f in a.features[split]} <= set(feature_kinds().values())
+            assert a.features[split] and {type(f) for f in a.features[split]} <= set(FEATURE_KINDS.values())
             assert_identical(b.features[split], a.features[split])
 
 

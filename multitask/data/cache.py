@@ -5,7 +5,7 @@ type and its resolved YAML, the examples themselves, and whether they are featur
 
 An entry (``<key>.npz``) holds numpy arrays only and is read with ``allow_pickle=False``: a cache folder copied
 from someone else is data, and reading it can execute nothing. Each feature is recorded under the registered
-name of its class (``feature_kinds``: a fixed table, never an import of a name read from the file) and rebuilt
+name of its class (``FEATURE_KINDS``: a fixed table, never an import of a name read from the file) and rebuilt
 from ``dataclasses.fields`` of that class. Each field is stored as columns over all features of a kind, by one
 of a fixed set of codecs chosen from the values (flat int arrays for token ids, (n, k) arrays for spans, tagged
 JSON for anything else), so values come back exactly: ints as ints, tuples as tuples, None as None.
@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from multitask.data.features import Feature, QAFeature, TaggingFeature
 from multitask.utils import faults
 from multitask.utils.atomic import atomic_path, remove_stale_temporaries
 from multitask.utils.readback import parse_json
@@ -76,7 +77,7 @@ def cache_key(tokenizer_hash: str, task_config: Any, examples: list[Any], traini
 def cached(cache_dir: str | Path | None, key: str, build: Callable[[], Any]) -> tuple[Any, bool]:
     """Return (value, was_cached); a missing or unreadable cache entry is rebuilt and written atomically.
 
-    ``build`` must return a list of registered features (``feature_kinds``); anything else is returned uncached.
+    ``build`` must return a list of registered features (``FEATURE_KINDS``); anything else is returned uncached.
     """
     if not cache_dir:
         return build(), False
@@ -107,14 +108,8 @@ def cached(cache_dir: str | Path | None, key: str, build: Callable[[], Any]) -> 
 
 
 # ---------------------------------------------------------------------------------------------- entries
-@functools.cache
-def feature_kinds() -> dict[str, type]:
-    """The Feature dataclasses a cache entry may hold, by the name it records them under."""
-    from multitask.tasks.base import Feature
-    from multitask.tasks.ner import TaggingFeature
-    from multitask.tasks.qa import QAFeature
-
-    return {"Feature": Feature, "TaggingFeature": TaggingFeature, "QAFeature": QAFeature}
+# The Feature dataclasses a cache entry may hold, by the name it records them under.
+FEATURE_KINDS: dict[str, type] = {"Feature": Feature, "TaggingFeature": TaggingFeature, "QAFeature": QAFeature}
 
 
 def _field_names(cls: type) -> list[str]:
@@ -125,7 +120,7 @@ def encode_features(features: Any) -> dict[str, np.ndarray]:
     """Named arrays holding a list of registered features; TypeError for anything else."""
     if not isinstance(features, list):
         raise TypeError(f"expected a list of features, got {type(features).__name__}")
-    names = {cls: name for name, cls in feature_kinds().items()}
+    names = {cls: name for name, cls in FEATURE_KINDS.items()}
     kind_names: list[str] = []
     kind_of: dict[type, int] = {}
     order = []
@@ -140,7 +135,7 @@ def encode_features(features: Any) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {"kinds": _ints(order, len(order))}
     schemas: dict[str, list[list[str]]] = {}
     for index, name in enumerate(kind_names):
-        cls = feature_kinds()[name]
+        cls = FEATURE_KINDS[name]
         members = [f for f, kind in zip(features, order) if kind == index]
         schemas[name] = []
         for field in _field_names(cls):
@@ -168,7 +163,7 @@ def decode_features(arrays: Any) -> list[Any]:
         raise ValueError("feature kinds out of range")
     rebuilt = []
     for name, count in zip(kind_names, counts):
-        cls = feature_kinds().get(name) if isinstance(name, str) else None
+        cls = FEATURE_KINDS.get(name) if isinstance(name, str) else None
         if cls is None:
             raise ValueError(f"unknown feature kind {name!r}")
         schema, fields = schemas[name], _field_names(cls)

@@ -20,18 +20,59 @@ tests, and machines with a copy but no network, use it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from multitask.data.readers import label_line_fields, load_hf_dataset, squad_record, tagged_sentence
 from multitask.data.records import Record
 from multitask.errors import ConfigError, DataError
 
-if TYPE_CHECKING:
-    from multitask.tasks.config import HubSource
-
 # Files save_to_disk writes at the top of a Dataset / DatasetDict folder.
 _SAVED_MARKERS = ("state.json", "dataset_dict.json")
+
+
+@dataclass
+class HubSource:
+    """The same split on the Hugging Face hub, read with `datasets` when the local file is missing; its rows
+    become the records the split's own format gives (ClassLabel ids turned into names, SQuAD rows regrouped)."""
+
+    name: str = field(metadata={"help": "Hub dataset id (e.g. nyu-mll/glue), or a folder written by save_to_disk."})
+    split: str = field(metadata={"help": "Hub split holding this split's data, e.g. train or validation."})
+    config: str | None = field(default=None, metadata={"help": "Dataset configuration, e.g. sst2 for glue."})
+    revision: str | None = field(
+        default=None, metadata={"help": "Branch, tag or commit, e.g. refs/convert/parquet for script-only datasets."}
+    )
+    columns: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "Rename hub columns to the local file's, e.g. {ner_tags: tags}."}
+    )
+    class_labels: str = field(
+        default="names", metadata={"help": "ClassLabel values in table formats: names (e.g. ABBR) or ids written as "
+                                           "text (\"0\", \"1\", as GLUE files have them). Tags always become names."}
+    )
+    names: dict[str, list[str]] = field(
+        default_factory=dict, metadata={"help": "Names of integer columns that carry no ClassLabel, by column (after "
+                                                "renaming), e.g. {tags: [O, B-Chemical, ...]}."}
+    )
+    options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Reader options for the hub rows, over the split's own, e.g. "
+                                                "{strip_token_suffix_digits: false}."}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.name.strip() or not self.split.strip():
+            raise ValueError("hub 'name' and 'split' must not be empty")
+        if self.class_labels not in ("names", "ids"):
+            raise ValueError(f"hub 'class_labels' must be names or ids, got {self.class_labels!r}")
+        targets = list(self.columns.values())
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"hub 'columns' must rename to distinct names, got {self.columns}")
+
+    def describe(self) -> str:
+        """The hub source in a few words, e.g. ``nyu-mll/glue (config sst2, split train)``."""
+        parts = ([f"config {self.config}"] if self.config else []) + [f"split {self.split}"]
+        parts += [f"revision {self.revision}"] if self.revision else []
+        return f"{self.name} ({', '.join(parts)})"
 
 
 class HubLoadError(DataError):

@@ -18,11 +18,12 @@ from tqdm.auto import tqdm
 
 from multitask import parallel
 from multitask.data.batching import eval_batches
+from multitask.data.features import Feature
 from multitask.device import autocast
 from multitask.encoder_stages import pad_states
 from multitask.model import ModelInputs, MultiTaskModel
 from multitask.reporting.model import SplitResult
-from multitask.tasks.base import Feature, TaskType, featurize_examples
+from multitask.tasks.base import TaskType, featurize_examples
 from multitask.utils import faults
 
 # A batch takes no input shorter than this share of its longest: padding a sentence to a QA window costs more than

@@ -13,7 +13,8 @@ import copy
 import threading
 from typing import Any
 
-from multitask.tasks.base import Feature, TaskType, featurize_examples
+from multitask.data.features import Feature
+from multitask.tasks.base import TaskType, featurize_examples
 
 # Tokenizers a parsing thread keeps copies of; more only after the served runs changed encoder, so start afresh.
 MAX_COPIES = 4

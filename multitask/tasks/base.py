@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from multitask.data.features import Feature
 from multitask.data.records import Record
 from multitask.errors import ConfigError, DataError
 from multitask.metrics import MetricResult
@@ -24,19 +25,6 @@ from multitask.tuning import TuningDefaults
 TASK_TYPES: Registry[type["TaskType"]] = Registry("task type")
 # Examples tokenised per call when featurizing with a progress bar (one call per chunk, so the bar moves).
 FEATURIZE_CHUNK = 1024
-
-
-@dataclass
-class Feature:
-    """One model input: token ids of one window of one example (an example may give several features)."""
-
-    input_ids: list[int]
-    example_index: int
-    token_type_ids: list[int] | None = None
-    target: Any = None  # the type's training target; None when the example is unlabelled
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
 
 
 @dataclass

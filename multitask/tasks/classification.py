@@ -8,10 +8,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from multitask.data.features import Feature
 from multitask.data.records import Record
 from multitask.errors import DataError
 from multitask.metrics import MetricResult, classification_metrics
-from multitask.tasks.base import TASK_TYPES, Feature, TaskType, softmax
+from multitask.tasks.base import TASK_TYPES, TaskType, softmax
 
 
 @dataclass

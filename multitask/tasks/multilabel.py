@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from multitask.data.features import Feature
 from multitask.data.records import Record
 from multitask.errors import DataError
 from multitask.metrics import MetricResult, multilabel_metrics
-from multitask.tasks.base import TASK_TYPES, Feature, TaskType
+from multitask.tasks.base import TASK_TYPES, TaskType
 from multitask.tasks.classification import (
     TEXT_INPUT_SCHEMA, TextExample, read_text_fields, text_example_from_raw, text_features,
 )

@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from seqeval.metrics.sequence_labeling import get_entities
 
+from multitask.data.features import TaggingFeature
 from multitask.data.records import Record
 from multitask.data.tag_schemes import split_tag, to_iob2
 from multitask.errors import ConfigError, DataError
 from multitask.metrics import MetricResult, ner_metrics
-from multitask.tasks.base import TASK_TYPES, Feature, TaskType, softmax
+from multitask.tasks.base import TASK_TYPES, TaskType, softmax
 from multitask.tasks.config import TaskConfig
 from multitask.tuning import TuningDefaults
 
@@ -138,13 +139,6 @@ class TaggingExample:
     tags: list[str] | None = None
     text: str | None = None  # the raw text the tokens were split from (prediction inputs only)
     spans: list[tuple[int, int]] | None = None  # each token's character span in ``text``
-
-
-@dataclass
-class TaggingFeature(Feature):
-    """``word_positions``: (word index, token position of its first subword) for every word in this window."""
-
-    word_positions: list[tuple[int, int]] = field(default_factory=list)
 
 
 def first_subwords(word_ids: Sequence[int | None]) -> list[tuple[int, int]]:

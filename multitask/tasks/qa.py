@@ -11,14 +11,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from multitask.data.features import CharSpan, Feature, QAFeature
 from multitask.data.records import Record
 from multitask.errors import ConfigError, DataError
 from multitask.metrics import MetricResult, squad_metrics
-from multitask.tasks.base import TASK_TYPES, Feature, TaskType
-from multitask.tuning import TuningDefaults
+from multitask.tasks.base import TASK_TYPES, TaskType
 from multitask.tasks.config import TaskConfig
+from multitask.tuning import TuningDefaults
 
-CharSpan = tuple[int, int]
 NO_ANSWER: tuple[int, int] = (0, 0)  # the target of windows without the answer: the first ([CLS] / <s>) token
 
 
@@ -55,13 +55,6 @@ class QAExample:
     context: str
     answers: list[tuple[str, int]] | None = None  # (text, answer_start); None: unlabelled, []: unanswerable
     title: str | None = None
-
-
-@dataclass
-class QAFeature(Feature):
-    """A window of one example; ``offsets`` holds each token's character span in the context, None off-context."""
-
-    offsets: list[CharSpan | None] = field(default_factory=list)
 
 
 @dataclass

@@ -21,10 +21,11 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from multitask.data.features import Feature
 from multitask.errors import CheckpointError
 from multitask.experiment import FrozenCacheConfig
 from multitask.model import MultiTaskModel
-from multitask.tasks.base import Feature
+
 from multitask.utils.atomic import write_json
 from multitask.utils.readback import read_json_file
 
