@@ -185,3 +185,132 @@ def test_smoothing_keeps_short_series_and_tames_noise() -> None:
     noisy = [1.0 if i % 2 else 0.0 for i in range(1000)]
     smoothed = plots.smooth(noisy)
     assert len(smoothed) == 1000 and max(smoothed[500:]) - min(smoothed[500:]) < 0.2
+
+
+# --- the header: settings, cosines, cache counters and times in words and numbers ---------------------------------
+
+def _settings_sentence(task: str, kind: str, length_source: str = "") -> str:
+    """What TaskTuning.describe() writes into meta["settings"]."""
+    length = f"prefix_length 32 ({length_source})" if length_source else f"prefix_length 16 ({kind} default)"
+    return (f"task {task}: {length}, reparameterize False ({kind} default), prefix_dropout 0.0 ({kind} default), "
+            f"prefix_lr 0.02 ({kind} default), head_lr 0.001 (experiment), warmup_ratio 0.06 ({kind} default), "
+            f"prefix_attention joint ({kind} default)")
+
+
+FULL_META = {
+    "run_name": "demo", "encoder": "offline:minilm", "method": "prefix", "prefix_mode": "per_task",
+    "steps": 1600, "best_step": 1600, "wall_time_s": 1213.957, "train_time_s": 938.061,
+    "evaluation_time_s": 243.456, "preparation_time_s": 35.143,
+    "evaluation_minutes": {"800": 9.7857, "1600": 15.6343},
+    "precision": "fp32", "precision_reason": "auto: no native bf16 on this cpu", "device": "cpu", "tf32": False,
+    "frozen_encoder_dtype": None,
+    "settings": {"sentiment": _settings_sentence("sentiment", "classification", "task file"),
+                 "conll": _settings_sentence("conll", "ner"), "squad": _settings_sentence("squad", "qa")},
+    "prefix_init_cosine": {"task_sentiment": -0.00045822898391634226, "task_conll": 0.006545408628880978,
+                           "task_squad": -4.702011574408971e-05},
+    "parameters": "prefix parameters 184,320 (0.817% of encoder) | head parameters 5,005 (0.022%) | "
+                  "encoder parameters 22,565,376 (0 trainable) | trainable total 189,325 (0.839%)",
+    "trainable_parameters": 189325, "encoder_parameters": 22565376, "train_examples_seen": 49738,
+    "peak_rss_bytes": 3161468928,
+    "frozen_cache": {"boundaries": {"sentiment": 3, "squad": 3}, "location": "host", "hits": 14016,
+                     "misses": 21456, "stored_inputs": 21456, "stored_bytes": 376825344},
+    "peak_gpu_memory_bytes": None,
+    "base": {"path": "/runs/base", "checkpoint_sha256": "ec72da728fe47076f072be0f13ab054d", "tasks": ["a", "b"]},
+    "transfer": {"conll": {"setting": "auto", "source": "task_a",
+                           "held_back_train_loss": {"none": 0.48, "task_a": 0.2555},
+                           "skipped": {"task_b": "prefix 'task_b' lives in layers [3, 4, 5], so it cannot start a "
+                                                 "prefix in layers [0, 1, 2, 3, 4, 5]"}, "head_from": None}},
+    "some_new_counter": {"nested": {"x": 1}, "listed": [1, 2]},
+}
+RAW_REPRS = ("{'", '{"', "['", '["', "[(", "':", '":', "}", "]", "e-0", "e-1", "None", "True", "False")
+
+
+def _full_report() -> RunReport:
+    tasks = [_classification(), _ner(), _qa()]
+    return RunReport(tasks={t.name: t for t in tasks}, meta=json.loads(json.dumps(FULL_META)))
+
+
+def _html_header_text(page: str) -> str:
+    """The text a person sees above the summary: tags dropped, entities decoded."""
+    import html as html_module
+
+    header = page[page.index("<main>"):page.index("<h2>Summary</h2>")]
+    return html_module.unescape(re.sub(r"<[^>]+>", " ", header))
+
+
+def test_header_has_no_raw_dicts_or_lists() -> None:
+    report = _full_report()
+    html_text = _html_header_text(render_html(report))
+    markdown = render_markdown(report)
+    md_header = markdown[:markdown.index("## Summary")]
+    for text in (html_text, md_header):
+        for raw in RAW_REPRS:
+            assert raw not in text, (raw, text)
+        assert "3161468928" not in text and "376825344" not in text and "1213.957" not in text
+
+
+def test_header_states_times_cache_and_cosines_in_words() -> None:
+    text = " ".join(_html_header_text(render_html(_full_report())).split())
+    assert "20m 14s in all: preparation 35.1s, training 15m 38s, evaluation 4m 03s (20% of the wall time)" in text
+    assert "every 800 steps from step 800 to 1,600, after 9.8 and 15.6 min of training" in text
+    assert "14,016 hits, 21,456 misses (40% of lookups hit); 21,456 inputs, 359.4 MB stored in host memory" in text
+    assert "layers below 3 cached for sentiment and squad" in text
+    assert "task_sentiment -0.0005, task_conll 0.0065, task_squad 0.0000" in text
+    assert "2.9 GB in RAM" in text and "49,738" in text and "fp32 (auto: no native bf16 on this cpu)" in text
+    assert "/runs/base (checkpoint ec72da728fe4…, tasks a and b)" in text
+    assert "none 0.480, task_a 0.256" in text and "lives in layers 3–5" in text and "layers 0–5" in text
+    assert "nested (x 1), listed (1, 2)" in text  # an unknown key, still readable
+
+
+def test_settings_table_lists_each_task_with_sources() -> None:
+    report = _full_report()
+    page = render_html(report)
+    table = page[page.index("<h3>Settings</h3>"):]
+    table = table[:table.index("</table>")]
+    rows = re.findall(r"<tr>(.*?)</tr>", table)
+    assert len(rows) == 4  # header + one row per task
+    assert "Prefix length" in rows[0] and "Head LR" in rows[0]
+    for row, task in zip(rows[1:], ("sentiment", "conll", "squad")):
+        assert row.startswith(f"<td>{task}</td>")
+        assert row.count('class="src') == 7  # every value says where it came from
+    assert '32<span class="src set">task file</span>' in rows[1]  # a chosen value stands out
+    assert '0.001<span class="src set">experiment</span>' in rows[2]
+    assert '16<span class="src">default</span>' in rows[2] and "no<span" in rows[2]
+    markdown = render_markdown(report)
+    assert "| Task | Prefix length | Reparameterize |" in markdown
+    assert "| sentiment | 32 (task file) | no (default) |" in markdown
+    assert "| conll | 16 (default) | no (default) | 0.0 (default) | 0.02 (default) | 0.001 (experiment) |" in markdown
+
+
+def test_settings_of_a_task_type_not_in_the_report_keep_their_full_source() -> None:
+    report = RunReport(tasks={}, meta={"settings": {"x": _settings_sentence("x", "ner")}})
+    assert "| x | 16 (ner default) |" in render_markdown(report)
+
+
+def test_old_and_odd_reports_still_render(tmp_path) -> None:
+    old = {"tasks": {"sst2": {"type": "classification", "main_metric": "accuracy",
+                              "metrics": {"validation": {"accuracy": 0.9}}}},
+           "meta": {"run_name": "old", "encoder": "bert", "wall_time_s": 75.0}}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(old))
+    report = load_report(path)
+    page, markdown = render_html(report), render_markdown(report)
+    assert "Settings" not in page and "1m 15s" in page and "90.00" in page
+    assert "1m 15s" in markdown and "Settings" not in markdown
+    odd = RunReport(tasks={}, meta={
+        "settings": {"a": "something the parser does not know", "b": {"prefix_length": {"value": 8, "source": "x"}}},
+        "frozen_cache": {"hits": 3}, "prefix_init_cosine": {}, "evaluation_minutes": {"late": "?"},
+        "transfer": {"t": "none"}, "base": "elsewhere", "parameters": None, "trainable_parameters": 10})
+    text = _html_header_text(render_html(odd))
+    assert "a: something the parser does not know" in text and "8 x" in " ".join(text.split())
+    assert "Frozen-layer cache" in text and "Grown from" in text and "10 trainable" in text
+    assert "late ?" in text and "t: none" in text
+    for raw in ("{'", "['", "[("):
+        assert raw not in text and raw not in render_markdown(odd)
+    write_reports(odd, tmp_path, prefix="odd")
+
+
+def test_header_tables_scroll_inside_their_box() -> None:
+    page = render_html(_full_report())
+    assert page.count("<table") == page.count('<div class="scroll"><table')
+    assert ".scroll { max-width: 100%; overflow-x: auto; }" in page

@@ -11,10 +11,10 @@ import base64
 from html import escape
 
 from multitask.reporting import plots
+from multitask.reporting.header import Cell, Table, build_header
 from multitask.reporting.markdown import (
     breakdowns,
     detail_notes,
-    meta_items,
     percent,
     run_title,
     score_names,
@@ -28,12 +28,19 @@ CSS = """
 body { font: 14px/1.45 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
        color: #1f2328; margin: 0; background: #f6f8fa; }
 main { max-width: 1100px; margin: 0 auto; padding: 24px 32px 48px; background: #fff; }
-h1 { font-size: 24px; margin: 0 0 8px; }
-h2 { font-size: 19px; margin: 36px 0 8px; padding-top: 12px; border-top: 1px solid #d0d7de; }
+h1 { font-size: 24px; margin: 0 0 8px; overflow-wrap: anywhere; }
+h2 { font-size: 19px; margin: 36px 0 8px; padding-top: 12px; border-top: 1px solid #d0d7de; overflow-wrap: anywhere; }
 h3 { font-size: 15px; margin: 20px 0 6px; }
 .meta { display: flex; flex-wrap: wrap; gap: 4px 20px; margin: 0 0 8px; padding: 0;
         list-style: none; color: #57606a; }
 .meta b { color: #1f2328; font-weight: 600; }
+.facts { display: grid; grid-template-columns: max-content minmax(0, 1fr); gap: 3px 16px; margin: 10px 0 8px; }
+.facts dt { font-weight: 600; }
+.facts dd { margin: 0; color: #57606a; overflow-wrap: anywhere; }
+.scroll { max-width: 100%; overflow-x: auto; }
+.src { display: block; color: #57606a; font-size: 12px; font-weight: 400; line-height: 1.25; }
+.src.set { color: #9a6700; font-weight: 600; }
+.header-table th, .header-table td { padding: 4px 10px; vertical-align: top; }
 .type { display: inline-block; padding: 1px 8px; border-radius: 10px; background: #ddf4ff;
         color: #0969da; font-size: 12px; font-weight: 500; vertical-align: middle; }
 table { border-collapse: collapse; margin: 6px 0 12px; font-variant-numeric: tabular-nums; }
@@ -47,6 +54,8 @@ tr.main td { font-weight: 600; }
 .chart { max-width: 100%; height: auto; }
 details summary { cursor: pointer; color: #0969da; margin: 8px 0; }
 a { color: #0969da; text-decoration: none; }
+@media (max-width: 700px) { main { padding: 16px 12px 32px; } .facts { grid-template-columns: minmax(0, 1fr); }
+                            .facts dd { margin-bottom: 6px; } }
 """
 
 
@@ -54,7 +63,7 @@ def render_html(report: RunReport) -> str:
     """The whole report as one HTML document (string), ready to be written to disk."""
     body = [
         f"<h1>{escape(run_title(report))}</h1>",
-        _meta_list(report),
+        _header(report),
         "<h2>Summary</h2>",
         _summary_table(report),
         '<p class="note">Scores are percentages; the mean row averages each split over the tasks '
@@ -78,7 +87,8 @@ def _img(png: bytes | None, alt: str) -> str:
 
 
 def _table(
-    header: list[str], rows: list[list[str]], numeric_from: int, row_classes: list[str] | None = None
+    header: list[str], rows: list[list[str]], numeric_from: int, row_classes: list[str] | None = None,
+    css_class: str = "",
 ) -> str:
     """An HTML table from already-escaped cells; columns from ``numeric_from`` on are right-aligned."""
 
@@ -93,12 +103,33 @@ def _table(
         f'<tr class="{cls}">{cells("td", row)}</tr>' if cls else f"<tr>{cells('td', row)}</tr>"
         for cls, row in zip(classes, rows)
     )
-    return f"<table><thead><tr>{cells('th', header)}</tr></thead><tbody>{body}</tbody></table>"
+    table = f'<table class="{css_class}">' if css_class else "<table>"
+    head = f"<thead><tr>{cells('th', header)}</tr></thead>"
+    return f'<div class="scroll">{table}{head}<tbody>{body}</tbody></table></div>'
 
 
-def _meta_list(report: RunReport) -> str:
-    items = "".join(f"<li><b>{escape(k)}:</b> {escape(v)}</li>" for k, v in meta_items(report))
-    return f'<ul class="meta">{items}</ul>' if items else ""
+def _header(report: RunReport) -> str:
+    """Short facts in a row, then one line per longer fact (label: sentence), then the settings tables."""
+    header = build_header(report)
+    facts = "".join(f"<li><b>{escape(k)}:</b> {escape(v)}</li>" for k, v in header.facts)
+    lines = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in header.lines)
+    parts = [f'<ul class="meta">{facts}</ul>' if facts else "", f'<dl class="facts">{lines}</dl>' if lines else ""]
+    parts += [_header_table(table) for table in header.tables]
+    return "\n".join(part for part in parts if part)
+
+
+def _header_table(table: Table) -> str:
+    def cell(c: Cell) -> str:
+        if not c.note:
+            return escape(c.text)
+        return f'{escape(c.text)}<span class="src{" set" if c.marked else ""}">{escape(c.note)}</span>'
+
+    parts = [f"<h3>{escape(table.title)}</h3>"]
+    if table.rows:
+        parts.append(_table([escape(c) for c in table.columns], [[cell(c) for c in row] for row in table.rows],
+                            table.numeric_from, css_class="header-table"))
+    parts += [f'<p class="note">{escape(note)}</p>' for note in table.notes]
+    return "\n".join(parts)
 
 
 def _summary_table(report: RunReport) -> str:

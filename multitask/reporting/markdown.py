@@ -1,28 +1,21 @@
 """Markdown report, plus the text formatting it shares with the HTML report.
 
-Both human-facing formats show scores as percentages with two decimals; the helpers here are
-the single place that decides how a number, a duration or a breakdown table is spelled.
+Both human-facing formats show scores as percentages with two decimals; the helpers here (and, for the header,
+header.py) are the single place that decides how a number, a duration or a breakdown table is spelled.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
+from multitask.reporting.header import MISSING, Cell, Header, Table, build_header, duration
 from multitask.reporting.model import RunReport, TaskReport
 
-MISSING = "–"
+__all__ = ["MISSING", "breakdowns", "detail_notes", "duration", "percent", "render_markdown", "run_title",
+           "score_names"]
+
 BREAKDOWN_COLUMNS = ("precision", "recall", "f1", "support")
-# Meta keys shown first, with readable names; any other meta key follows in insertion order.
-META_LABELS = {
-    "encoder": "Encoder",
-    "prefix_mode": "Prefix mode",
-    "steps": "Steps",
-    "best_step": "Best step",
-    "wall_time_s": "Wall time",
-    "created": "Created",
-}
 
 
 def percent(value: Any) -> str:
@@ -32,26 +25,10 @@ def percent(value: Any) -> str:
     return f"{100 * value:.2f}"
 
 
-def duration(seconds: float) -> str:
-    """Seconds as '1h 02m 03s' / '4m 05s' / '12.3s': wall times span seconds to days."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
-
-
 def run_title(report: RunReport) -> str:
     """Report heading; names the run when the metadata knows it."""
     name = report.meta.get("run_name")
     return f"Evaluation report: {name}" if name else "Evaluation report"
-
-
-def meta_items(report: RunReport) -> list[tuple[str, str]]:
-    """(label, text) pairs for the header, well-known keys first and formatted for reading."""
-    meta = {k: v for k, v in report.meta.items() if k != "run_name" and v is not None}
-    ordered = [k for k in META_LABELS if k in meta] + [k for k in meta if k not in META_LABELS]
-    return [(META_LABELS.get(key, key), _meta_text(key, meta[key])) for key in ordered]
 
 
 def breakdowns(details: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
@@ -87,14 +64,6 @@ def render_markdown(report: RunReport) -> str:
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
-def _meta_text(key: str, value: Any) -> str:
-    if key == "wall_time_s" and isinstance(value, (int, float)):
-        return duration(float(value))
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, ensure_ascii=False)
-    return str(value)
-
-
 def _breakdown_row(name: str, stats: Any) -> list[str]:
     stats = stats if isinstance(stats, dict) else {}
     support = stats.get("support")
@@ -117,7 +86,22 @@ def _table(header: list[str], rows: list[list[str]], numeric_from: int) -> str:
 
 
 def _meta_block(report: RunReport) -> str:
-    return "\n".join(f"- **{_md(label)}:** {_md(text)}" for label, text in meta_items(report))
+    """The header: facts and sentences as a list, then each table with its notes."""
+    header: Header = build_header(report)
+    items = "\n".join(f"- **{_md(label)}:** {_md(text)}" for label, text in header.facts + header.lines)
+    return "\n\n".join(part for part in [items, *(_header_table(t) for t in header.tables)] if part)
+
+
+def _header_table(table: Table) -> str:
+    def cell(c: Cell) -> str:
+        return f"{_md(c.text)} ({_md(c.note)})" if c.note else _md(c.text)
+
+    parts = [f"### {_md(table.title)}"]
+    if table.rows:
+        parts.append(_table([_md(c) for c in table.columns], [[cell(c) for c in row] for row in table.rows],
+                            table.numeric_from))
+    parts += [_md(note) for note in table.notes]
+    return "\n\n".join(parts)
 
 
 def _summary_table(report: RunReport) -> str:

@@ -10,11 +10,13 @@ is nothing worth drawing, so callers can simply leave the chart out.
 from __future__ import annotations
 
 import io
+import math
 from typing import Any, Sequence
 
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from multitask.reporting.model import RunReport, TaskReport
 
@@ -26,6 +28,11 @@ MAX_CONFUSION_LABELS = 60
 MAX_ANNOTATED_LABELS = 15
 MAX_TICK_CHARS = 18
 SPLIT_STYLES = ("-", "--", ":", "-.")
+# The legend under a chart: at most this many columns, as many as fit the axes' width (a row holds about
+# LEGEND_ROW_CHARS characters at its font size; each entry's line sample takes about LEGEND_HANDLE_CHARS).
+LEGEND_COLUMNS = 3
+LEGEND_ROW_CHARS = 120
+LEGEND_HANDLE_CHARS = 8
 
 
 def loss_plot(report: RunReport) -> bytes | None:
@@ -44,6 +51,7 @@ def loss_plot(report: RunReport) -> bytes | None:
     all_losses = [loss for t in tasks for _, loss in t.loss_history]
     if min(all_losses) > 0 and max(all_losses) / min(all_losses) > 20:
         ax.set_yscale("log")
+        plain_log_ticks(ax)
     _finish(ax, "Training loss", "step", "loss (smoothed)")
     return to_png(fig)
 
@@ -157,6 +165,23 @@ def smooth(values: Sequence[float]) -> list[float]:
     return out
 
 
+def plain_log_ticks(ax: Axes) -> None:
+    """Label a log y axis '0.2, 0.5, 1, 2' instead of matplotlib's '2 x 10^-1' (people read losses as decimals):
+    every power of ten, and the 2s and 5s between them."""
+
+    def major(value: float, _position: int) -> str:
+        return f"{value:g}"
+
+    def minor(value: float, _position: int) -> str:
+        if value <= 0:
+            return ""
+        mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
+        return f"{value:g}" if any(abs(mantissa - m) < 1e-6 for m in (2, 5)) else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(major))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+
+
 def _history_splits(tasks: list[TaskReport]) -> list[str]:
     return list(dict.fromkeys(split for task in tasks for _, split, _ in task.metric_history))
 
@@ -178,12 +203,21 @@ def _figure(width: float, height: float) -> tuple[Figure, Axes]:
 
 
 def _finish(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
-    """Shared styling for line charts; the legend sits outside so it never hides a curve."""
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    """Shared styling for line charts. The legend sits under the axes, so it never hides a curve and the image is
+    no wider than the chart: a page narrower than the image scales it down less, and its words stay readable."""
+    ax.set_title(title, fontsize=13)
+    ax.set_xlabel(xlabel, fontsize=11)
+    ax.set_ylabel(ylabel, fontsize=11)
+    ax.tick_params(labelsize=10)
+    ax.tick_params(which="minor", labelsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    handles, labels = ax.get_legend_handles_labels()
+    widest = max((len(label) for label in labels), default=0) + LEGEND_HANDLE_CHARS
+    columns = max(1, min(LEGEND_COLUMNS, len(labels), LEGEND_ROW_CHARS // widest))
+    # matplotlib fills a legend column by column; reorder so it reads line by line, in plotting order.
+    order = [i for column in range(columns) for i in range(column, len(labels), columns)]
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper center",
+              bbox_to_anchor=(0.5, -0.16), ncol=columns, fontsize=10, frameon=False)
 
 
 def to_png(fig: Figure) -> bytes:
