@@ -46,6 +46,9 @@ def _folded_state(model: MultiTaskModel) -> tuple[dict[str, torch.Tensor], dict[
             layout["mixtures"] = {name: list(s) for name, s in model.prefix_bank.layout.mixtures.items()}
             state.update({f"prefix_bank.mixtures.{k}": v.detach().cpu().contiguous()
                           for k, v in model.prefix_bank.mixtures.state_dict().items()})
+    if model.prompt_bank is not None:  # input prompts, folded: the tokens themselves, no prompt encoder
+        for task, prompt in model.prompt_bank.prompts.items():
+            state[f"prompt_bank.prompts.{task}.embedding"] = prompt.fold().embedding.detach().cpu().contiguous()
     # Encoder weights only when they were trained (LoRA branches, or everything under full fine-tuning).
     state.update({f"encoder.{k}": p.detach().cpu().contiguous()
                   for k, p in model.encoder.named_parameters() if p.requires_grad})
@@ -53,7 +56,8 @@ def _folded_state(model: MultiTaskModel) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def save_checkpoint(run_dir: Path, model: MultiTaskModel, meta: dict[str, Any]) -> Path:
-    """The model's prefixes (folded) and heads, with ``meta`` and the prefix layout (see :func:`write_checkpoint`)."""
+    """The model's prefixes and prompts (folded) and heads, with ``meta`` and the prefix layout (see
+    :func:`write_checkpoint`)."""
     state, layout = _folded_state(model)
     return write_checkpoint(run_dir, state, {**meta, "prefix_layout": layout})
 

@@ -1,4 +1,5 @@
-"""`multitask compare`: train P-Tuning v2 variants, LoRA, full fine-tuning and a linear probe on the same tasks.
+"""`multitask compare`: train P-Tuning v2 variants, its ancestors (prompt tuning, P-Tuning v1, prefix tuning), LoRA,
+full fine-tuning and a linear probe on the same tasks.
 
 Every method is a small strategy that rewrites the experiment config (method, prefix mode, task list); the
 training loop, heads, batching, evaluation and reports are the same for all of them.
@@ -90,6 +91,26 @@ def _transfer(experiment: ExperimentConfig) -> list[tuple[str, ExperimentConfig]
 
 
 METHODS.register("prefix_transfer", _transfer)
+
+
+# P-Tuning v2's ancestors, so the lineage can be compared on the user's own tasks (docs/compare.md).
+def _input_prompts(experiment: ExperimentConfig, label: str, encoder: str) -> list[tuple[str, ExperimentConfig]]:
+    """Soft tokens at the input only: trained directly (prompt tuning) or from a prompt encoder (P-Tuning v1)."""
+    prompt = dataclasses.replace(experiment.prompt, encoder=encoder)
+    return [(label, dataclasses.replace(_with(experiment, "prompt"), prompt=prompt))]
+
+
+def _prefix_tuning(experiment: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
+    """Li & Liang's prefix tuning: a prefix in every layer, produced by an MLP over a prefix embedding and started
+    from real words' activations, in one softmax with the real tokens; saved folded to flat keys/values."""
+    settings = dataclasses.replace(experiment.prefix.prefix, reparameterize=True, layers="all", init="vocab")
+    prefix = dataclasses.replace(experiment.prefix, mode="per_task", prefix=settings, attention="joint")
+    return [("prefix_tuning", dataclasses.replace(_with(experiment, "prefix"), prefix=prefix))]
+
+
+METHODS.register("prompt_tuning", lambda e: _input_prompts(e, "prompt_tuning", "none"))
+METHODS.register("p_tuning_v1", lambda e: _input_prompts(e, "p_tuning_v1", "lstm"))
+METHODS.register("prefix_tuning", _prefix_tuning)
 METHODS.register("lora", lambda e: [("lora", _with(e, "lora"))])
 METHODS.register("full_ft", lambda e: [("full_ft", _with(e, "full_ft"))])
 METHODS.register("linear_probe", lambda e: [("linear_probe", _with(e, "linear_probe"))])

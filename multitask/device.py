@@ -70,7 +70,7 @@ def enable_tf32(device: torch.device) -> bool:
 
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Methods whose encoder weights never train: their frozen matrices can be held in the run's half precision.
-HALF_ENCODER_METHODS = ("prefix", "linear_probe")
+HALF_ENCODER_METHODS = ("prefix", "prompt", "linear_probe")
 
 
 def frozen_encoder_dtype(device: torch.device, precision: str, method: str) -> torch.dtype | None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from multitask.prefix.config import PrefixBankConfig
+from multitask.prompt.config import PromptConfig
 
 
 @dataclass
@@ -182,7 +183,7 @@ class LoraSettings:
     )
 
 
-METHODS = ("prefix", "lora", "linear_probe", "full_ft")
+METHODS = ("prefix", "prompt", "lora", "linear_probe", "full_ft")
 
 
 @dataclass
@@ -199,11 +200,13 @@ class ExperimentConfig:
                   "prefix.transfer sets how the new prefixes start."},
     )
     prefix: PrefixBankConfig = field(default_factory=PrefixBankConfig, metadata={"help": "Prefix mode and settings."})
-    method: Literal["prefix", "lora", "linear_probe", "full_ft"] = field(
+    method: Literal["prefix", "prompt", "lora", "linear_probe", "full_ft"] = field(
         default="prefix",
-        metadata={"help": "prefix: P-Tuning v2; lora: PEFT LoRA on the frozen encoder; linear_probe: heads only on "
-                  "the frozen encoder; full_ft: every encoder weight trains."},
+        metadata={"help": "prefix: P-Tuning v2; prompt: soft tokens at the input only (prompt tuning, or P-Tuning v1 "
+                  "with prompt.encoder); lora: PEFT LoRA on the frozen encoder; linear_probe: heads only on the "
+                  "frozen encoder; full_ft: every encoder weight trains."},
     )
+    prompt: PromptConfig = field(default_factory=PromptConfig, metadata={"help": "Input prompts (method: prompt)."})
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings (method: lora)."})
     method_overrides: dict[str, dict[str, Any]] = field(
         default_factory=dict,

@@ -13,6 +13,7 @@ from multitask.encoder_stages import lower_states, upper_output
 from multitask.heads import EncoderOutput
 from multitask.prefix.bank import BatchTasks, PrefixBank, PrefixLayout
 from multitask.prefix.mixture import input_summary
+from multitask.prompt.bank import PromptBank
 
 
 @dataclass
@@ -75,20 +76,24 @@ class ParameterSummary:
     encoder: int
     encoder_trainable: int
     prefix_frozen: int = 0  # prefixes kept as they are (prefix.freeze)
+    prompt: int = 0  # input prompts (method: prompt)
 
     @property
     def trainable(self) -> int:
-        return self.prefix + self.heads + self.encoder_trainable
+        return self.prefix + self.prompt + self.heads + self.encoder_trainable
 
     def render(self) -> str:
         pct = lambda n: 100.0 * n / max(self.encoder, 1)  # noqa: E731
-        return (
-            f"prefix parameters {self.prefix:,} ({pct(self.prefix):.3f}% of encoder)"
-            + (f", {self.prefix_frozen:,} more frozen" if self.prefix_frozen else "") + " | "
-            f"head parameters {self.heads:,} ({pct(self.heads):.3f}%) | "
-            f"encoder parameters {self.encoder:,} ({self.encoder_trainable:,} trainable) | "
-            f"trainable total {self.trainable:,} ({pct(self.trainable):.3f}%)"
-        )
+        parts = []
+        if self.prefix or self.prefix_frozen or not self.prompt:  # a prompt run has no prefix to speak of
+            parts.append(f"prefix parameters {self.prefix:,} ({pct(self.prefix):.3f}% of encoder)"
+                         + (f", {self.prefix_frozen:,} more frozen" if self.prefix_frozen else ""))
+        if self.prompt:
+            parts.append(f"prompt parameters {self.prompt:,} ({pct(self.prompt):.3f}% of encoder)")
+        parts += [f"head parameters {self.heads:,} ({pct(self.heads):.3f}%)",
+                  f"encoder parameters {self.encoder:,} ({self.encoder_trainable:,} trainable)",
+                  f"trainable total {self.trainable:,} ({pct(self.trainable):.3f}%)"]
+        return " | ".join(parts)
 
 
 class MultiTaskModel(nn.Module):
@@ -99,8 +104,10 @@ class MultiTaskModel(nn.Module):
         layout: PrefixLayout | None,
         freeze_encoder: bool = True,
         prefix_modules: tuple[dict, dict] | None = None,
+        prompt_bank: PromptBank | None = None,
     ) -> None:
-        """``prefix_modules``: the layout's prefix encoders and mixtures, already built (see PrefixBank)."""
+        """``prefix_modules``: the layout's prefix encoders and mixtures, already built (see PrefixBank).
+        ``prompt_bank``: soft prompts in front of the inputs (method: prompt), instead of a prefix layout."""
         super().__init__()
         self.encoder = encoder
         self.task_names = list(heads)
@@ -113,6 +120,9 @@ class MultiTaskModel(nn.Module):
         )
         if self.prefix_bank is not None and self.prefix_bank.task_names != self.task_names:
             raise ValueError("prefix layout and heads must list the same tasks in the same order")
+        self.prompt_bank = prompt_bank
+        if prompt_bank is not None and prompt_bank.task_names != self.task_names:
+            raise ValueError("prompt bank and heads must list the same tasks in the same order")
         if freeze_encoder:
             freeze(self.encoder)
 
@@ -123,8 +133,8 @@ class MultiTaskModel(nn.Module):
         """The lowest layer with a trainable prefix (of ``task``'s prefixes, or of any): nothing below it depends on
         a trained parameter (0 when the encoder itself trains; the number of layers when nothing in the encoder
         trains, as in a linear probe)."""
-        if any(p.requires_grad for p in self.encoder.parameters()):
-            return 0
+        if self.prompt_bank is not None or any(p.requires_grad for p in self.encoder.parameters()):
+            return 0  # input prompts change layer 0's input, as a trained encoder changes every layer
         bank = self.prefix_bank
         names = [] if bank is None else bank.layout.task_prefixes[task] if task is not None else list(bank.encoders)
         encoders = [bank.encoders[name] for name in names]
@@ -133,6 +143,8 @@ class MultiTaskModel(nn.Module):
 
     def shared_below(self, task_ids: torch.Tensor) -> int:
         """The lowest layer where the prefixes of the given tasks differ: below it one pass serves them all."""
+        if self.prompt_bank is not None:
+            return 0  # each task's prompt is part of its input
         if self.prefix_bank is None:
             return encoder_shape(self.encoder.config).num_layers
         tasks = [self.task_names[i] for i in torch.unique(task_ids).tolist()]
@@ -152,6 +164,8 @@ class MultiTaskModel(nn.Module):
                             prefix)
 
     def encode(self, inputs: ModelInputs) -> EncoderOutput:
+        if self.prompt_bank is not None:
+            return self._encode_with_prompts(inputs)
         prefix = self._prefix(inputs) if self.prefix_bank is not None else None
         if inputs.states is not None:
             last, pooled = upper_output(self.encoder, inputs.states, inputs.encoder_mask(), inputs.boundary, prefix)
@@ -161,6 +175,26 @@ class MultiTaskModel(nn.Module):
             input_ids=inputs.input_ids, attention_mask=inputs.encoder_mask(), prefix_kv=prefix, **extra
         )
         return EncoderOutput(output.last_hidden_state, inputs.attention_mask, getattr(output, "pooler_output", None))
+
+    def _encode_with_prompts(self, inputs: ModelInputs) -> EncoderOutput:
+        """Each row's task prompt in front of its word embeddings, through the whole encoder; the prompt positions
+        are cut from the output, so every head (token-level ones included) sees exactly the input's positions."""
+        if inputs.states is not None:
+            raise ValueError("input prompts change layer 0's input: cached lower states cannot be used")
+        words = self.encoder.get_input_embeddings()(inputs.input_ids)
+        prompts = self.prompt_bank(inputs.task_ids).to(words.dtype)
+        batch, length = prompts.shape[:2]
+        extra = {}
+        if inputs.token_type_ids is not None:
+            extra["token_type_ids"] = torch.cat([inputs.token_type_ids.new_zeros(batch, length),
+                                                 inputs.token_type_ids], dim=1)
+        mask = inputs.encoder_mask()
+        if mask is not None:
+            mask = torch.cat([mask.new_ones(batch, length), mask], dim=1)
+        output = self.encoder(inputs_embeds=torch.cat([prompts, words], dim=1), attention_mask=mask, **extra)
+        last = output.last_hidden_state[:, length:]
+        pooler = getattr(self.encoder, "pooler", None)  # it reads the first position: the input's [CLS], not a prompt
+        return EncoderOutput(last, inputs.attention_mask, pooler(last) if pooler is not None else None)
 
     def forward(self, inputs: ModelInputs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Logits per task present in the batch, with the batch rows they belong to."""
@@ -185,7 +219,7 @@ class MultiTaskModel(nn.Module):
         frozen = sum(p.numel() for p in self.prefix_bank.parameters() if not p.requires_grad) \
             if self.prefix_bank is not None else 0
         return ParameterSummary(
-            prefix=count(self.prefix_bank) - frozen, prefix_frozen=frozen,
+            prefix=count(self.prefix_bank) - frozen, prefix_frozen=frozen, prompt=count(self.prompt_bank),
             heads=count(self.heads),
             encoder=count(self.encoder),
             encoder_trainable=sum(p.numel() for p in self.encoder.parameters() if p.requires_grad),

@@ -18,6 +18,8 @@ from multitask.experiment import ExperimentConfig, LoraSettings, TaskEntry
 from multitask.heads import HEADS
 from multitask.model import MultiTaskModel
 from multitask.prefix.bank import TaskPrefixRequest, plan_layout
+from multitask.prompt.bank import PromptBank
+from multitask.prompt.config import PromptConfig
 from multitask.tasks.base import Feature, TaskType, featurize_examples
 from multitask.tasks.loading import load_task, load_task_data
 from multitask.tuning import TaskTuning, resolve_tuning
@@ -122,17 +124,39 @@ def build_model(
     experiment: ExperimentConfig, tasks: list[TaskType], encoder: PreTrainedModel,
     tunings: dict[str, TaskTuning] | None = None,
 ) -> MultiTaskModel:
-    """Heads for every task, plus the prefix bank for the prefix method (none for a linear probe or full FT).
-    ``tunings``: the tasks' resolved settings, when the caller has them already."""
+    """Heads for every task, plus the prefix bank for the prefix method or the prompt bank for the prompt method
+    (neither for a linear probe, LoRA or full FT). ``tunings``: the tasks' resolved settings, when the caller has
+    them already."""
     heads = build_heads(tasks, encoder_shape(encoder.config).hidden_size)
     layout = None
     if experiment.method == "prefix":
         tunings = tunings if tunings is not None else resolve_tuning(experiment, tasks)
         layout = plan_layout(experiment.prefix, prefix_requests(tasks, tunings))
-    model = MultiTaskModel(encoder, heads, layout, freeze_encoder=experiment.method != "full_ft")
+    prompts = build_prompt_bank(experiment.prompt, tasks, encoder) if experiment.method == "prompt" else None
+    model = MultiTaskModel(encoder, heads, layout, freeze_encoder=experiment.method != "full_ft", prompt_bank=prompts)
     if experiment.method == "lora":
         add_lora(model.encoder, experiment.lora)
     return model
+
+
+def usable_positions(config) -> int:
+    """Positions an input may fill: RoBERTa-family position ids start after the padding id, so fewer than its
+    ``max_position_embeddings``."""
+    offset = config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta") else 0
+    return config.max_position_embeddings - offset
+
+
+def build_prompt_bank(config: PromptConfig, tasks: list[TaskType], encoder: PreTrainedModel) -> PromptBank:
+    """One prompt per task in the word-embedding space; refused where a task's longest input and the prompt would
+    not fit the encoder's positions together."""
+    limit = usable_positions(encoder.config)
+    for task in tasks:
+        if task.config.max_length + config.length > limit:
+            raise ConfigError(f"task {task.config.name}: max_length {task.config.max_length} + prompt length "
+                              f"{config.length} exceeds the encoder's {limit} positions; lower the task's "
+                              f"max_length (overrides: {{max_length: {limit - config.length}}}) or prompt.length")
+    dim = encoder.get_input_embeddings().embedding_dim
+    return PromptBank([t.config.name for t in tasks], config, dim)
 
 
 def add_lora(encoder: PreTrainedModel, settings: LoraSettings) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 # Head learning rate of the other methods (LoRA, full fine-tuning, linear probe) when the experiment sets none.
 NON_PREFIX_HEAD_LR = 1e-3
+# Methods whose heads read a frozen encoder steered by trained virtual tokens: the task types' head defaults hold.
+PROMPTED_METHODS = ("prefix", "prompt")
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,8 @@ def resolve_task_tuning(experiment, task) -> TaskTuning:
     defaults: TuningDefaults = task.tuning_defaults
     default_source = f"{task.config.type} default"
     prefix, optimization = experiment.prefix.prefix, experiment.optimization
-    head_default = defaults.head_lr if experiment.method == "prefix" else NON_PREFIX_HEAD_LR
+    prompted = experiment.method in PROMPTED_METHODS
+    head_default = defaults.head_lr if prompted else NON_PREFIX_HEAD_LR
     choices = {
         "prefix_length": [(task.config.prefix.length, "task file"), (prefix.length, "experiment"),
                           (defaults.prefix_length, default_source)],
@@ -68,7 +71,7 @@ def resolve_task_tuning(experiment, task) -> TaskTuning:
         "prefix_lr": [(task.config.prefix.lr, "task file"), (optimization.prefix_lr, "experiment"),
                       (defaults.prefix_lr, default_source)],
         "head_lr": [(task.config.head.lr, "task file"), (optimization.head_lr, "experiment"),
-                    (head_default, default_source if experiment.method == "prefix" else f"{experiment.method} default")],
+                    (head_default, default_source if prompted else f"{experiment.method} default")],
         "warmup_ratio": [(optimization.warmup_ratio, "experiment"), (defaults.warmup_ratio, default_source)],
         "prefix_attention": [(task.config.prefix.attention, "task file"), (experiment.prefix.attention, "experiment"),
                              (defaults.prefix_attention, default_source)],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from multitask.model import MultiTaskModel
 from multitask.prefix.bank import PrefixLayout
 from multitask.prefix.config import PrefixConfig
 from multitask.prefix.encoder import without_initialization
+from multitask.prompt.bank import PromptBank
 from multitask.runtime import add_lora, build_heads
 from multitask.tasks.base import TaskType
 from multitask.tasks.config import TaskConfig
@@ -59,10 +61,15 @@ def _saved_layout(meta: dict[str, Any], source: str) -> PrefixLayout | None:
     )
 
 
-def _rebuild_model(layout: PrefixLayout | None, tasks: dict[str, TaskType], encoder) -> MultiTaskModel:
+def _rebuild_model(experiment: ExperimentConfig, layout: PrefixLayout | None, tasks: dict[str, TaskType],
+                   encoder) -> MultiTaskModel:
     heads = build_heads(list(tasks.values()), encoder_shape(encoder.config).hidden_size)
+    prompts = None
+    if experiment.method == "prompt":  # saved folded: flat prompts, whatever encoder produced them in training
+        flat = dataclasses.replace(experiment.prompt, encoder="none")
+        prompts = PromptBank(list(tasks), flat, encoder.get_input_embeddings().embedding_dim)
     with without_initialization():  # the checkpoint's weights replace whatever the prefixes would start from
-        return MultiTaskModel(encoder, heads, layout)
+        return MultiTaskModel(encoder, heads, layout, prompt_bank=prompts)
 
 
 def _check_encoder(run_dir: Path, meta: dict[str, Any], encoder, legacy: bool) -> None:
@@ -80,7 +87,7 @@ def _load_weights(model: MultiTaskModel, weights: dict[str, Any]) -> tuple[list[
     """Load the checkpoint into the parts it holds weights for: missing and unexpected keys, as load_state_dict
     gives them. The frozen encoder is walked only when the checkpoint trains it (LoRA, full fine-tuning): a server
     loading thousands of small runs onto one encoder would otherwise spend most of its time there."""
-    parts = {"heads": model.heads, "prefix_bank": model.prefix_bank}
+    parts = {"heads": model.heads, "prefix_bank": model.prefix_bank, "prompt_bank": model.prompt_bank}
     if any(key.startswith("encoder.") for key in weights):
         parts["encoder"] = model.encoder
     missing, unexpected = [], []
@@ -114,7 +121,7 @@ def load_checkpoint_model(run_dir: Path, encoder=None) -> LoadedCheckpoint:
                                checkpoint_pooler=legacy)
     if checked:
         _check_encoder(run_dir, meta, encoder, legacy)
-    model = _rebuild_model(layout, tasks, encoder)
+    model = _rebuild_model(experiment, layout, tasks, encoder)
     if experiment.method == "lora":
         add_lora(model.encoder, experiment.lora)
     missing, unexpected = _load_weights(model, weights)

@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# Default learning rates: flat prompts move in embedding space and need large steps (Lester et al. used 0.3 with
+# Adafactor); a prompt encoder's weights, like any MLP's, train at the usual small rate.
+FLAT_PROMPT_LR = 3e-2
+PROMPT_ENCODER_LR = 1e-3
+
 
 @dataclass
 class PromptConfig:
@@ -29,12 +34,25 @@ class PromptConfig:
                   "of init_words, then of the training data's most frequent tokens (Lester et al.'s sampled "
                   "vocabulary). With a prompt encoder this sets the embeddings it reads."},
     )
+    lr: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the prompts and their prompt encoder (unset: 3e-2 for flat prompts, "
+                  "1e-3 with a prompt encoder; docs/tuning.md)."},
+    )
     init_words: list[str] = field(
         default_factory=list, metadata={"help": "init: vocab: words whose embeddings start the soft tokens, in order."}
     )
 
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return FLAT_PROMPT_LR if self.encoder == "none" else PROMPT_ENCODER_LR
+
     def __post_init__(self) -> None:
         if self.length < 1:
             raise ValueError(f"length must be >= 1, got {self.length}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.hidden_size is not None and self.hidden_size < 1:
             raise ValueError(f"hidden_size must be >= 1, got {self.hidden_size}")

@@ -24,8 +24,18 @@ from multitask.serve.merge import merged_engine, qualified
 from multitask.tasks.base import TaskType
 from multitask.tasks.config import TaskConfig
 
-# Methods whose checkpoint changes the encoder itself: their encoder cannot be shared with another run.
-OWN_ENCODER_METHODS = ("full_ft", "lora")
+# Methods whose runs cannot share one model pass with other runs, and why: their checkpoint changes the encoder
+# itself, or puts soft tokens in front of every input (positions the other runs' inputs do not have).
+SOLO_METHODS = {
+    "full_ft": "changes the encoder",
+    "lora": "changes the encoder",
+    "prompt": "puts soft prompt tokens in front of its inputs, which other runs' inputs cannot share a batch with",
+}
+
+
+def solo_reason(method: str) -> str | None:
+    """Why a run of ``method`` must be served alone (None: it can share the served encoder and its passes)."""
+    return SOLO_METHODS.get(method)
 
 
 class UnknownTask(ConfigError):
@@ -175,14 +185,16 @@ def _needs_pooler(meta: dict[str, Any], path: Path) -> bool:
 
 
 def check_shareable(specs: list[RunSpec], metas: list[dict[str, Any]]) -> None:
-    """Runs served together must be trained on one encoder and leave it untouched (a fully fine-tuned or LoRA run
-    brings an encoder of its own, whose inputs could never share a model pass); checked before anything loads."""
+    """Runs served together must be trained on one encoder and leave it and their inputs untouched (a fully
+    fine-tuned or LoRA run brings an encoder of its own, a prompt run longer inputs, neither of which could share a
+    model pass); checked before anything loads."""
     if len(specs) < 2:
         return
     for spec, meta in zip(specs, metas):
-        if meta["method"] in OWN_ENCODER_METHODS:
-            raise ConfigError(f"{spec.path}: method {meta['method']!r} changes the encoder, so this run cannot share "
-                              f"one with other runs; serve it alone")
+        reason = solo_reason(meta["method"])
+        if reason is not None:
+            raise ConfigError(f"{spec.path}: method {meta['method']!r} {reason}, so this run cannot be served with "
+                              f"other runs; serve it alone")
     first, first_encoder = specs[0], metas[0]["encoder"]
     for spec, meta in zip(specs[1:], metas[1:]):
         encoder = meta["encoder"]

@@ -21,7 +21,7 @@ from typing import Any
 
 from multitask.errors import ConfigError, MultitaskError
 from multitask.run import TrainedRun, load_run
-from multitask.serve.catalog import OWN_ENCODER_METHODS, Catalog
+from multitask.serve.catalog import Catalog, solo_reason
 from multitask.serve.store import StoredRun, scan_store
 
 log = logging.getLogger("multitask.serve")
@@ -139,12 +139,12 @@ class Fleet:
                 task.config.head.pooling == "pooler" for task in run.tasks.values()):
             raise ConfigError(f"{path}: a task of run {name!r} reads the encoder's pooler, which the served encoder "
                               f"was loaded without; start the server with this run among the command-line runs")
-        method = run.experiment.method
-        lone = next((n for n, r in others.items() if r.experiment.method in OWN_ENCODER_METHODS), None)
-        if others and (method in OWN_ENCODER_METHODS or lone is not None):
-            own = name if method in OWN_ENCODER_METHODS else lone
-            raise ConfigError(f"{path}: run {own!r} uses method {method if own == name else 'lora/full_ft'}, which "
-                              f"changes the encoder, so it cannot share one with other runs; serve it alone")
+        solo = next(((n, r.experiment.method) for n, r in [(name, run), *others.items()]
+                     if solo_reason(r.experiment.method) is not None), None)
+        if others and solo is not None:
+            own, method = solo
+            raise ConfigError(f"{path}: run {own!r} uses method {method}, which {solo_reason(method)}, so it cannot be "
+                              f"served with other runs; serve it alone")
         self.runs[name] = run
         self.origins[name] = origin
         log.info("run %s (%s): %s", name, origin, ", ".join(run.tasks))

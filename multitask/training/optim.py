@@ -17,13 +17,16 @@ def _no_decay(name: str) -> bool:
 
 def learning_rate(name: str, model: MultiTaskModel, config: OptimizationConfig, tunings: dict[str, TaskTuning]) -> float:
     """Each kind of trained weight has its own rate: a prefix and a head that of its task (a prefix several tasks
-    share, the smallest of theirs), LoRA ``lora_lr``, encoder weights (full fine-tuning) ``encoder_lr``."""
+    share, the smallest of theirs), input prompts ``prompt.lr``, LoRA ``lora_lr``, encoder weights (full
+    fine-tuning) ``encoder_lr``."""
     parts = name.split(".")
     if parts[0] == "prefix_bank" and model.prefix_bank is not None:
         users = [t for t, names in model.prefix_bank.layout.task_prefixes.items() if parts[2] in names]
         return min(tunings[t].prefix_lr for t in users)
     if parts[0] == "heads":
         return tunings[parts[1]].head_lr
+    if parts[0] == "prompt_bank":
+        return model.prompt_bank.config.learning_rate
     if ".lora_" in name:
         return config.lora_lr
     return config.encoder_lr

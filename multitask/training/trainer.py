@@ -20,27 +20,26 @@ from multitask.backbone import enable_activation_checkpointing, encoder_fingerpr
 from multitask.checkpoint import save_checkpoint
 from multitask.config import to_dict
 from multitask.data.batching import TaskBatchStream
-from multitask.data.cache import tokenizer_fingerprint
 from multitask.device import autocast, cast_frozen_encoder, describe_device, enable_tf32, resolve_device
-from multitask.encoder_stages import pad_states
 from multitask.errors import CheckpointError, ConfigError
 from multitask.experiment import ExperimentConfig
 from multitask.inference import InferenceEngine
 from multitask.model import ModelInputs, MultiTaskModel
 from multitask.precision import resolve_precision
 from multitask.prefix.initialization import initialize_prefixes
+from multitask.prompt.initialization import initialize_prompts
 from multitask.reporting import RunReport, TaskReport, write_reports
 from multitask.runtime import TaskRuntime, build_model, load_tokenizer, prepare_tasks
 from multitask.training.averaging import WeightAverage
 from multitask.training.balance import SharedGradientBalancer
-from multitask.training.frozen_cache import FrozenLayerCache, evaluating
+from multitask.training.evaluation import BestSoFar, evaluate_tasks, record_scores, selection_score
+from multitask.training.frozen_cache import open_frozen_cache, with_cached_states
 from multitask.training.grow import (
-    build_grown_model, check_new_tasks, grown_tasks_meta, load_base, new_prefix_name, on_base_encoder,
-    start_head_from_base, transfer_setting,
+    build_grown_model, check_base_unchanged, check_new_tasks, grown_tasks_meta, load_base, new_prefix_name,
+    on_base_encoder, start_new_prefixes, transfer_report,
 )
 from multitask.training.init_from import freeze_prefixes, init_from_run
 from multitask.training.optim import ProgressSchedule, build_optimizer
-from multitask.training.prefix_transfer import mean_mixing_weights, score_candidates, start_prefix
 from multitask.training.sampler import make_sampler
 from multitask.training.state import load_training_state, save_training_state, trainable_state
 from multitask.tuning import log_tuning, resolve_tuning, run_warmup_ratio
@@ -53,6 +52,13 @@ log = logging.getLogger(__name__)
 LOSS_WINDOW = 10
 # Training inputs per task whose token counts pick the frequent tokens that initialise prefixes.
 INIT_SAMPLE_FEATURES = 20000
+
+
+def init_sequences(tasks: list[TaskRuntime]) -> dict[str, list[list[int]]]:
+    """Each task's training inputs that initialisation draws frequent tokens from."""
+    return {t.name: [f.input_ids for f in t.features["train"][:INIT_SAMPLE_FEATURES]] for t in tasks}
+
+
 # Warm-up share of the first step under a time budget, where the number of steps is not known in advance.
 TIME_BUDGET_FIRST_STEP = 1e-3
 
@@ -167,7 +173,7 @@ class Trainer:
         self.base = load_base(experiment, config_path, encoder) if experiment.base else None
         if self.base is not None:
             check_new_tasks(self.base, [t.task for t in self.tasks], str(config_path or "<config>"))
-            self._check_base_unchanged(saved)
+            check_base_unchanged(self.base, saved, self.run_dir)
             self.encoder_identity = dict(self.base.meta["encoder"])
             seed_everything(experiment.seed)
             self.model: MultiTaskModel = build_grown_model(self.base, experiment, [t.task for t in self.tasks],
@@ -184,12 +190,17 @@ class Trainer:
         self.prefix_similarity: dict[str, float] = {}
         self.transfers: dict[str, dict[str, Any]] = saved.get("transfers", {}) if saved else {}
         if self.model.prefix_bank is not None and saved is None:  # a resumed run's saved prefixes replace it
-            sequences = {t.name: [f.input_ids for f in t.features["train"][:INIT_SAMPLE_FEATURES]] for t in self.tasks}
+            sequences = init_sequences(self.tasks)
             new_prefixes = None if self.base is None else [new_prefix_name(t.name) for t in self.tasks]
             self.prefix_similarity = initialize_prefixes(self.model.prefix_bank, self.model.encoder, self.tokenizer,
                                                          sequences, new_prefixes)
             if self.base is not None:
-                self.transfers = self._start_new_prefixes()
+                self.transfers = start_new_prefixes(self.model, self.base, experiment, self.tasks, self.tunings,
+                                                    self.device, self.precision, self.pad_id)
+        if self.model.prompt_bank is not None and saved is None:
+            sequences = init_sequences(self.tasks)
+            self.prefix_similarity = initialize_prompts(self.model.prompt_bank, self.model.encoder, self.tokenizer,
+                                                        sequences)
         if experiment.prefix.init_from and saved is None:
             init_from_run(self.model, experiment.prefix.init_from, self.encoder_identity["fingerprint"])
         freeze_prefixes(self.model, experiment.prefix.freeze)
@@ -200,7 +211,8 @@ class Trainer:
                  f"; frozen encoder held in {self.encoder_dtype}" if self.encoder_dtype else "")
         if experiment.encoder.gradient_checkpointing:
             enable_activation_checkpointing(self.model.encoder)
-        self.frozen_cache = self._make_frozen_cache()
+        self.frozen_cache = open_frozen_cache(self.model, experiment, self.tasks, self.encoder_identity["fingerprint"],
+                                              self.tokenizer, parallel.rank(), self.device)
         self.train_model = parallel.wrap(self.model, self.device)  # what training steps call; self.model elsewhere
         parallel.seed_rank(experiment.seed)
         sizes = {t.name: len(t.features["train"]) for t in self.tasks}
@@ -230,8 +242,7 @@ class Trainer:
             )
             for t in self.tasks
         }
-        self.step, self.best_score, self.best_step, self.bad_evals = 0, -math.inf, None, 0
-        self.best_state: dict[str, torch.Tensor] | None = None
+        self.step, self.best = 0, BestSoFar()
         self.history, self.elapsed, self.examples_seen = History(), 0.0, 0
         self.train_seconds, self.evaluation_seconds = 0.0, 0.0
         self.engine = InferenceEngine(self.model, self.tokenizer, {t.name: t.task for t in self.tasks}, self.device,
@@ -239,84 +250,6 @@ class Trainer:
         if saved is not None:
             self._restore(saved)
         self.preparation_seconds = time.perf_counter() - preparation_started
-
-    # ------------------------------------------------------------------ growing a base run
-    def _check_base_unchanged(self, saved: dict[str, Any] | None) -> None:
-        """A resumed grown run continues on the very base it started from (its frozen half is read from there)."""
-        started_on = (saved or {}).get("base_checkpoint_sha256")
-        now = self.base.meta.get("model_sha256")
-        if started_on is not None and started_on != now:
-            raise CheckpointError(f"{self.run_dir}: its base {self.base.run_dir} changed since the run started "
-                                  f"(checkpoint checksum {now}, was {started_on}); start the run afresh")
-
-    def _start_new_prefixes(self) -> dict[str, dict[str, Any]]:
-        """Each new task's prefix starts as prefix.transfer says (the task file's setting first), and its head from
-        a base head where head.transfer_from names one (after auto's scoring, which starts every candidate from
-        the same head)."""
-        choices = {}
-        for runtime in self.tasks:
-            setting = transfer_setting(self.experiment, runtime.task)
-            tuning = self.tunings[runtime.name]
-
-            def scorer(starts, runtime=runtime, tuning=tuning):
-                return score_candidates(self.model, runtime, new_prefix_name(runtime.name), starts,
-                                        (tuning.prefix_lr, tuning.head_lr), self.experiment.prefix.transfer_steps,
-                                        self.device, self.precision, self.pad_id, self.experiment.seed)
-
-            choice = start_prefix(self.model, runtime, new_prefix_name(runtime.name), setting,
-                                  self.base.prefix_names, scorer)
-            choices[runtime.name] = {**choice.describe(),
-                                     "head_from": start_head_from_base(self.model, self.base, runtime.task)}
-        return choices
-
-    def _transfer_report(self, splits: list[str]) -> dict[str, dict[str, Any]]:
-        """How each new prefix started; for a mixture, its mean weight on each source over the evaluated split."""
-        report = {name: dict(choice) for name, choice in self.transfers.items()}
-        mixtures = self.model.prefix_bank.layout.mixtures
-        for runtime in self.tasks:
-            name = new_prefix_name(runtime.name)
-            split = next((s for s in splits if s in runtime.features), "train")
-            if name in mixtures and runtime.name in report:
-                report[runtime.name]["mixing_weights"] = {
-                    "split": split, "mean": mean_mixing_weights(self.model, runtime, name, split, self.pad_id,
-                                                                self.device)}
-        return report
-
-    def _make_frozen_cache(self) -> FrozenLayerCache | None:
-        settings = self.experiment.optimization.frozen_cache
-        if not settings.enabled:
-            return None
-        boundaries = {t.name: self.model.frozen_below(t.name) for t in self.tasks}
-        if not any(boundaries.values()):
-            log.warning("frozen_cache: every task has something to train from layer 0 up (a prefix there, or a "
-                        "trained encoder); there is nothing to cache, so the cache is off")
-            return None
-        identity = {"encoder": self.encoder_identity["fingerprint"], "tokenizer": tokenizer_fingerprint(self.tokenizer)}
-        root = Path(self.experiment.cache_dir) if self.experiment.cache_dir else None
-        cache = FrozenLayerCache(self.model, settings, boundaries, {t.name: t.features["train"] for t in self.tasks},
-                                 identity, root, parallel.rank(), self.device)
-        where = {"device": "GPU memory", "host": "host memory", "disk": "files under the cache dir"}[cache.location]
-        log.info("frozen cache: states entering layer %s, %s, in %s (at most %.1f GB); layers below run without "
-                 "dropout", ", ".join(f"{n} {b}" for n, b in boundaries.items()), settings.dtype, where,
-                 settings.max_gb)
-        return cache
-
-    def _lower_states(self, runtime: TaskRuntime, indices: list[int]) -> list[torch.Tensor]:
-        """States entering the cache boundary for some training inputs, as every epoch would see them (no dropout)."""
-        features = [runtime.features["train"][i] for i in indices]
-        batch = runtime.task.collate(features, self.pad_id)
-        inputs = ModelInputs.of_task(batch, self.model.task_id(runtime.name)).to(self.device)
-        with torch.no_grad(), evaluating(self.model), autocast(self.device, self.precision):
-            states = self.model.encode_lower(inputs, self.frozen_cache.boundaries[runtime.name])
-        return [states[row, : len(feature)] for row, feature in enumerate(features)]
-
-    def _with_cached_states(self, runtime: TaskRuntime, rows: list[int], inputs: ModelInputs) -> ModelInputs:
-        states = self.frozen_cache.states(runtime.name, rows, lambda missing: self._lower_states(runtime, missing))
-        if self.device.type != "cpu":  # padded where the layers run (pinned or device states: nothing waits)
-            states = [state.to(self.device, non_blocking=True) for state in states]
-        inputs.states = pad_states(states, inputs.input_ids.shape[1]).float()  # the precision the layers run in
-        inputs.boundary = self.frozen_cache.boundaries[runtime.name]
-        return inputs
 
     # ------------------------------------------------------------------ run directory and state
     def _check_run_dir(self) -> None:
@@ -347,8 +280,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "sampler": self.sampler.state_dict(), "streams": {k: s.state_dict() for k, s in self.streams.items()},
             "rng": parallel.gather_from_all(rng_state(self.device)), "replicas": self.replicas,
-            "best_score": self.best_score, "best_step": self.best_step,
-            "best_state": self.best_state, "bad_evals": self.bad_evals, "history": self.history,
+            "best_score": self.best.score, "best_step": self.best.step,
+            "best_state": self.best.state, "bad_evals": self.best.bad_evals, "history": self.history,
             "elapsed": self.wall_time(), "examples_seen": self.examples_seen,
             "train_seconds": self.train_seconds, "evaluation_seconds": self.evaluation_seconds,
             "prefix_init_cosine": self.prefix_similarity,
@@ -371,8 +304,8 @@ class Trainer:
         for name, stream_state in state["streams"].items():
             self.streams[name].load_state_dict(stream_state)
         self._restore_rng(state["rng"])
-        self.step, self.best_score, self.best_step = state["step"], state["best_score"], state["best_step"]
-        self.best_state, self.bad_evals = state["best_state"], state["bad_evals"]
+        self.step = state["step"]
+        self.best = BestSoFar(state["best_score"], state["best_step"], state["best_state"], state["bad_evals"])
         history = state["history"]  # saved as the dict of its fields (plain data, for weights_only loading)
         self.history = history if isinstance(history, History) else History(**history)
         self.elapsed = state["elapsed"]
@@ -405,7 +338,7 @@ class Trainer:
             "experiment": to_dict(self.experiment),
             "tasks": tasks if self.base is None else grown_tasks_meta(self.base, tasks),
             "step": self.step,
-            "best_step": self.best_step,
+            "best_step": self.best.step,
         }
         if self.base is not None:
             meta["base"] = self.base.identity()
@@ -417,7 +350,8 @@ class Trainer:
         cache where it covers the task), in the run's precision."""
         inputs = ModelInputs.of_task(batch, self.model.task_id(runtime.name))
         if self.frozen_cache is not None and self.frozen_cache.covers(runtime.name):
-            inputs = self._with_cached_states(runtime, rows, inputs)
+            inputs = with_cached_states(self.frozen_cache, runtime, rows, inputs, self.pad_id, self.device,
+                                        self.precision)
         with autocast(self.device, self.precision):
             logits, _ = self.train_model(inputs.to(self.device))[runtime.name]
             return runtime.task.loss(logits, batch.targets.to(self.device, non_blocking=True))
@@ -473,27 +407,8 @@ class Trainer:
         return task_name, parallel.all_reduce_sum(total)
 
     def evaluate_all(self, splits: list[str]) -> dict[str, dict[str, Any]]:
-        """Evaluate every task on the given splits it has; returns task -> split -> Evaluation.
-
-        Every rank must call it (evaluation is sharded over ranks); the results are on rank 0, empty elsewhere.
-        """
-        results: dict[str, dict[str, Any]] = {}
-        for runtime in self.tasks:
-            for split in splits:
-                if split not in runtime.features:
-                    continue
-                evaluation = self.engine.evaluate(runtime.name, runtime.examples[split], runtime.features[split])
-                if evaluation is not None:
-                    results.setdefault(runtime.name, {})[split] = evaluation
-        return results
-
-    def _selection_score(self, results: dict[str, dict[str, Any]]) -> float | None:
-        split = self.experiment.evaluation.splits[0]
-        scores = [
-            r[split].result.scores[t.task.main_metric()]
-            for t in self.tasks if (r := results.get(t.name)) and split in r and r[split].result is not None
-        ]
-        return sum(scores) / len(scores) if scores else None
+        """Every task on the given splits it has (see :func:`evaluate_tasks`; every rank must call it)."""
+        return evaluate_tasks(self.engine, self.tasks, splits)
 
     def _evaluated_weights(self):
         """The weights evaluations and checkpoints see: the running average (ema_decay), else the trained ones."""
@@ -510,31 +425,14 @@ class Trainer:
         self.evaluation_seconds += time.perf_counter() - started
         self.history.eval_minutes[self.step] = round(self.train_seconds / 60.0, 4)
         selection_split = self.experiment.evaluation.splits[0]
-        main_scores = []
-        for task, splits in results.items():
-            for split, evaluation in splits.items():
-                if evaluation.result is None:
-                    continue
-                main = next(t for t in self.tasks if t.name == task).task.main_metric()
-                value = evaluation.result.scores[main]
-                self.history.metric.setdefault(task, []).append((self.step, split, value))
-                if split == selection_split:
-                    main_scores.append(f"{task} {main} {value:.4f}")
-                for metric, score in evaluation.result.scores.items():
-                    writer.add_scalar(f"{split}/{task}/{metric}", score, self.step)
-        score = parallel.broadcast_from_main(self._selection_score(results))
-        if score is None or score > self.best_score:
-            self.best_score = -math.inf if score is None else score
-            self.best_step, self.bad_evals = self.step, 0
-            self.best_state = trainable_state(self.model)
-            if parallel.is_main():
-                save_checkpoint(self.run_dir, self.model, self.checkpoint_meta())
-        else:
-            self.bad_evals += 1
+        main_scores = record_scores(self.tasks, results, self.step, self.history.metric, writer, selection_split)
+        score = parallel.broadcast_from_main(selection_score(self.tasks, results, selection_split))
+        if self.best.judge(score, self.step, self.model) and parallel.is_main():
+            save_checkpoint(self.run_dir, self.model, self.checkpoint_meta())
         log.info("step %d (%.1f training minutes): %s; mean main metric %s (best %.4f at step %s)", self.step,
-                 self.train_seconds / 60, ", ".join(main_scores), score, self.best_score, self.best_step)
+                 self.train_seconds / 60, ", ".join(main_scores), score, self.best.score, self.best.step)
         patience = self.experiment.evaluation.early_stopping_patience
-        return patience is not None and self.bad_evals >= patience
+        return patience is not None and self.best.bad_evals >= patience
 
     def _open_writer(self) -> Any:
         from torch.utils.tensorboard import SummaryWriter
@@ -633,8 +531,8 @@ class Trainer:
     def finish(self) -> RunReport | None:
         """Restore the best weights, evaluate every split, write predictions and the reports (rank 0; the other
         ranks only help evaluate and return None)."""
-        if self.best_state is not None:
-            self.model.load_state_dict(self.best_state, strict=False)
+        if self.best.state is not None:
+            self.model.load_state_dict(self.best.state, strict=False)
         elif self.average is not None:  # nothing evaluated: the weights evaluations would have seen
             self.average.copy_to_model()
         splits = sorted({s for t in self.tasks for s in t.features if s != "train"})
@@ -645,7 +543,7 @@ class Trainer:
         report = RunReport(tasks={}, meta={
             "run_name": self.experiment.name, "encoder": self.experiment.encoder.name,
             "method": self.experiment.method, "prefix_mode": self.experiment.prefix.mode,
-            "steps": self.step, "best_step": self.best_step,
+            "steps": self.step, "best_step": self.best.step,
             "wall_time_s": round(self.wall_time(), 3),
             "train_time_s": round(self.train_seconds, 3),
             "evaluation_time_s": round(self.evaluation_seconds, 3),
@@ -666,7 +564,8 @@ class Trainer:
         })
         if self.base is not None:
             report.meta["base"] = self.base.identity()
-            report.meta["transfer"] = self._transfer_report(splits)
+            report.meta["transfer"] = transfer_report(self.model, self.tasks, self.transfers, splits, self.pad_id,
+                                                       self.device)
         for runtime in self.tasks:
             task_results = results.get(runtime.name, {})
             for split, evaluation in task_results.items():
