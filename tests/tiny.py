@@ -45,3 +45,21 @@ def tiny_tokenizer(directory: Path) -> BertTokenizerFast:
     vocab = directory / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n", encoding="utf-8")
     return BertTokenizerFast(vocab=str(vocab), do_lower_case=True, tokenize_chinese_chars=True)
+
+
+# Characters of short Chinese hotel and film reviews (the Chinese quick start's sentiment example).
+CHINESE_WORDS = list("酒店房间很干净服务好热情推荐值得再来差脏失望不会吵贵电影精彩无聊喜欢讨厌一般还可以的了是我们")
+
+
+def tiny_chinese_model(directory: Path, seed: int = 0) -> Path:
+    """A tiny BERT with a character vocabulary of Chinese reviews (as bert-base-chinese tokenizes: one piece per
+    character), saved with its tokenizer under ``directory`` so the real loading code reads it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *CHINESE_WORDS, "，", "。", "！"]
+    (directory / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab=str(directory / "vocab.txt"), tokenize_chinese_chars=True).save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokens), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64)
+    encoder_from_config(config).save_pretrained(directory)
+    return directory
