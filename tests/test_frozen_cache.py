@@ -16,7 +16,7 @@ from multitask.errors import ConfigError
 from multitask.experiment import ExperimentConfig
 from multitask.model import ModelInputs
 from multitask.run import load_run
-from multitask.training.frozen_cache import DiskStore, MemoryStore
+from multitask.training.frozen_cache import DiskStore, MemoryStore, lower_states, with_cached_states
 from multitask.training.state import trainable_state
 from multitask.training.trainer import Trainer
 from tests.fixtures import write_project
@@ -92,7 +92,8 @@ def test_cache_hits_equal_recomputation(with_cache):
         store = trainer.frozen_cache.stores[runtime.name]
         indices = [i for i in range(len(runtime.features["train"])) if store.get(i) is not None][:5]
         assert indices, runtime.name
-        fresh = trainer._lower_states(runtime, indices)
+        fresh = lower_states(trainer.frozen_cache, runtime, indices, trainer.pad_id, trainer.device,
+                             trainer.precision)
         for index, state in zip(indices, fresh):
             assert torch.allclose(store.get(index), state, atol=1e-6)
         # The model from cached states gives what it gives from the tokens (eval mode: no dropout anywhere).
@@ -101,7 +102,8 @@ def test_cache_hits_equal_recomputation(with_cache):
         trainer.model.eval()
         with torch.no_grad():
             direct = trainer.model(inputs)[runtime.name][0]
-            cached = trainer.model(trainer._with_cached_states(runtime, indices, inputs))[runtime.name][0]
+            cached = trainer.model(with_cached_states(trainer.frozen_cache, runtime, indices, inputs, trainer.pad_id,
+                                                      trainer.device, trainer.precision))[runtime.name][0]
         if direct.dim() == 3:  # per-token logits: padded positions carry no prediction
             real = batch.attention_mask.bool()
             direct, cached = direct[real], cached[real]

@@ -21,11 +21,14 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from multitask.data.cache import tokenizer_fingerprint
 from multitask.data.features import Feature
+from multitask.device import autocast
+from multitask.encoder_stages import pad_states
 from multitask.errors import CheckpointError
-from multitask.experiment import FrozenCacheConfig
-from multitask.model import MultiTaskModel
-
+from multitask.experiment import ExperimentConfig, FrozenCacheConfig
+from multitask.model import ModelInputs, MultiTaskModel
+from multitask.runtime import TaskRuntime
 from multitask.utils.atomic import write_json
 from multitask.utils.readback import read_json_file
 
@@ -274,3 +277,52 @@ class FrozenLayerCache:
                 "misses": self.misses,
                 "stored_inputs": sum(store.stored for store in self.stores.values()),
                 "stored_bytes": sum(store.stored_bytes for store in self.stores.values())}
+
+
+def open_frozen_cache(model: MultiTaskModel, experiment: ExperimentConfig, tasks: list[TaskRuntime],
+                      encoder_fingerprint: str, tokenizer: Any, rank: int, device: torch.device,
+                      ) -> FrozenLayerCache | None:
+    """The run's cache of its training inputs' frozen-layer states; None when it is off, or when every task has
+    something to train from layer 0 up."""
+    settings = experiment.optimization.frozen_cache
+    if not settings.enabled:
+        return None
+    boundaries = {t.name: model.frozen_below(t.name) for t in tasks}
+    if not any(boundaries.values()):
+        log.warning("frozen_cache: every task has something to train from layer 0 up (a prefix there, or a "
+                    "trained encoder); there is nothing to cache, so the cache is off")
+        return None
+    identity = {"encoder": encoder_fingerprint, "tokenizer": tokenizer_fingerprint(tokenizer)}
+    root = Path(experiment.cache_dir) if experiment.cache_dir else None
+    cache = FrozenLayerCache(model, settings, boundaries, {t.name: t.features["train"] for t in tasks},
+                             identity, root, rank, device)
+    where = {"device": "GPU memory", "host": "host memory", "disk": "files under the cache dir"}[cache.location]
+    log.info("frozen cache: states entering layer %s, %s, in %s (at most %.1f GB); layers below run without "
+             "dropout", ", ".join(f"{n} {b}" for n, b in boundaries.items()), settings.dtype, where,
+             settings.max_gb)
+    return cache
+
+
+def lower_states(cache: FrozenLayerCache, runtime: TaskRuntime, indices: list[int], pad_id: int,
+                 device: torch.device, precision: str) -> list[torch.Tensor]:
+    """States entering the task's cache boundary for some of its training inputs, as every epoch would see them
+    (the frozen layers without dropout)."""
+    features = [runtime.features["train"][i] for i in indices]
+    batch = runtime.task.collate(features, pad_id)
+    inputs = ModelInputs.of_task(batch, cache.model.task_id(runtime.name)).to(device)
+    with torch.no_grad(), evaluating(cache.model), autocast(device, precision):
+        states = cache.model.encode_lower(inputs, cache.boundaries[runtime.name])
+    return [states[row, : len(feature)] for row, feature in enumerate(features)]
+
+
+def with_cached_states(cache: FrozenLayerCache, runtime: TaskRuntime, rows: list[int], inputs: ModelInputs,
+                       pad_id: int, device: torch.device, precision: str) -> ModelInputs:
+    """``inputs`` (a batch of the task's training inputs ``rows``) carrying the states that enter its cache
+    boundary, so the model runs only the layers above it; states not cached yet are computed and stored."""
+    states = cache.states(runtime.name, rows,
+                          lambda missing: lower_states(cache, runtime, missing, pad_id, device, precision))
+    if device.type != "cpu":  # padded where the layers run (pinned or device states: nothing waits)
+        states = [state.to(device, non_blocking=True) for state in states]
+    inputs.states = pad_states(states, inputs.input_ids.shape[1]).float()  # the precision the layers run in
+    inputs.boundary = cache.boundaries[runtime.name]
+    return inputs

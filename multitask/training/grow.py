@@ -26,15 +26,15 @@ import torch
 from multitask.backbone import encoder_shape
 from multitask.checkpoint import checkpoint_dir, read_checkpoint, read_meta, write_checkpoint
 from multitask.config import from_dict
-from multitask.errors import ConfigError
+from multitask.errors import CheckpointError, ConfigError
 from multitask.experiment import ExperimentConfig
 from multitask.inference.loading import LoadedCheckpoint, load_checkpoint_model
 from multitask.model import MultiTaskModel
 from multitask.prefix.bank import SHARED, PrefixLayout, plan_layout
 from multitask.prefix.config import resolve_layers
-from multitask.runtime import build_heads, prefix_requests
+from multitask.runtime import TaskRuntime, build_heads, prefix_requests
 from multitask.tasks.base import TaskType
-from multitask.training.prefix_transfer import source_key_values
+from multitask.training.prefix_transfer import mean_mixing_weights, score_candidates, source_key_values, start_prefix
 from multitask.tuning import TaskTuning
 from multitask.utils.atomic import ensure_writable
 
@@ -162,6 +162,15 @@ def build_grown_model(base: BaseRun, experiment: ExperimentConfig, tasks: list[T
     return model
 
 
+def check_base_unchanged(base: BaseRun, saved: dict[str, Any] | None, run_dir: Path) -> None:
+    """A resumed grown run continues on the very base it started from (its frozen half is read from there)."""
+    started_on = (saved or {}).get("base_checkpoint_sha256")
+    now = base.meta.get("model_sha256")
+    if started_on is not None and started_on != now:
+        raise CheckpointError(f"{run_dir}: its base {base.run_dir} changed since the run started "
+                              f"(checkpoint checksum {now}, was {started_on}); start the run afresh")
+
+
 def transfer_setting(experiment: ExperimentConfig, task: TaskType) -> str:
     """How a new task's prefix starts: its task file's prefix.transfer, else the experiment's."""
     return task.config.prefix.transfer or experiment.prefix.transfer
@@ -275,3 +284,38 @@ def start_head_from_base(model: MultiTaskModel, base: BaseRun, task: TaskType) -
     model.heads[name].load_state_dict(state)
     log.info("head %s starts from base head %s", name, source)
     return source
+
+
+def start_new_prefixes(model: MultiTaskModel, base: BaseRun, experiment: ExperimentConfig, tasks: list[TaskRuntime],
+                       tunings: dict[str, TaskTuning], device: torch.device, precision: str, pad_id: int,
+                       ) -> dict[str, dict[str, Any]]:
+    """Each new task's prefix starts as prefix.transfer says (the task file's setting first), and its head from
+    a base head where head.transfer_from names one (after auto's scoring, which starts every candidate from
+    the same head). Returns how each started, by task."""
+    choices = {}
+    for runtime in tasks:
+        setting = transfer_setting(experiment, runtime.task)
+        tuning = tunings[runtime.name]
+
+        def scorer(starts, runtime=runtime, tuning=tuning):
+            return score_candidates(model, runtime, new_prefix_name(runtime.name), starts,
+                                    (tuning.prefix_lr, tuning.head_lr), experiment.prefix.transfer_steps,
+                                    device, precision, pad_id, experiment.seed)
+
+        choice = start_prefix(model, runtime, new_prefix_name(runtime.name), setting, base.prefix_names, scorer)
+        choices[runtime.name] = {**choice.describe(), "head_from": start_head_from_base(model, base, runtime.task)}
+    return choices
+
+
+def transfer_report(model: MultiTaskModel, tasks: list[TaskRuntime], transfers: dict[str, dict[str, Any]],
+                    splits: list[str], pad_id: int, device: torch.device) -> dict[str, dict[str, Any]]:
+    """How each new prefix started; for a mixture, its mean weight on each source over the evaluated split."""
+    report = {name: dict(choice) for name, choice in transfers.items()}
+    mixtures = model.prefix_bank.layout.mixtures
+    for runtime in tasks:
+        name = new_prefix_name(runtime.name)
+        split = next((s for s in splits if s in runtime.features), "train")
+        if name in mixtures and runtime.name in report:
+            report[runtime.name]["mixing_weights"] = {
+                "split": split, "mean": mean_mixing_weights(model, runtime, name, split, pad_id, device)}
+    return report
