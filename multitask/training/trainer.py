@@ -27,6 +27,7 @@ from multitask.inference import InferenceEngine
 from multitask.model import ModelInputs, MultiTaskModel
 from multitask.precision import resolve_precision
 from multitask.prefix.initialization import initialize_prefixes
+from multitask.prompt.initialization import initialize_prompts
 from multitask.reporting import RunReport, TaskReport, write_reports
 from multitask.runtime import TaskRuntime, build_model, load_tokenizer, prepare_tasks
 from multitask.training.averaging import WeightAverage
@@ -51,6 +52,13 @@ log = logging.getLogger(__name__)
 LOSS_WINDOW = 10
 # Training inputs per task whose token counts pick the frequent tokens that initialise prefixes.
 INIT_SAMPLE_FEATURES = 20000
+
+
+def init_sequences(tasks: list[TaskRuntime]) -> dict[str, list[list[int]]]:
+    """Each task's training inputs that initialisation draws frequent tokens from."""
+    return {t.name: [f.input_ids for f in t.features["train"][:INIT_SAMPLE_FEATURES]] for t in tasks}
+
+
 # Warm-up share of the first step under a time budget, where the number of steps is not known in advance.
 TIME_BUDGET_FIRST_STEP = 1e-3
 
@@ -182,13 +190,17 @@ class Trainer:
         self.prefix_similarity: dict[str, float] = {}
         self.transfers: dict[str, dict[str, Any]] = saved.get("transfers", {}) if saved else {}
         if self.model.prefix_bank is not None and saved is None:  # a resumed run's saved prefixes replace it
-            sequences = {t.name: [f.input_ids for f in t.features["train"][:INIT_SAMPLE_FEATURES]] for t in self.tasks}
+            sequences = init_sequences(self.tasks)
             new_prefixes = None if self.base is None else [new_prefix_name(t.name) for t in self.tasks]
             self.prefix_similarity = initialize_prefixes(self.model.prefix_bank, self.model.encoder, self.tokenizer,
                                                          sequences, new_prefixes)
             if self.base is not None:
                 self.transfers = start_new_prefixes(self.model, self.base, experiment, self.tasks, self.tunings,
                                                     self.device, self.precision, self.pad_id)
+        if self.model.prompt_bank is not None and saved is None:
+            sequences = init_sequences(self.tasks)
+            self.prefix_similarity = initialize_prompts(self.model.prompt_bank, self.model.encoder, self.tokenizer,
+                                                        sequences)
         if experiment.prefix.init_from and saved is None:
             init_from_run(self.model, experiment.prefix.init_from, self.encoder_identity["fingerprint"])
         freeze_prefixes(self.model, experiment.prefix.freeze)
