@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _launch_torchrun(args: argparse.Namespace) -> None:
     """Start this same `train` command (minus --nproc) under torchrun on this machine; several machines run
-    torchrun themselves (README, "Distributed training")."""
+    torchrun themselves (docs/training.md, "Several processes")."""
     from multitask.parallel import launched_by_torchrun
 
     if args.nproc < 1:
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inference_options(predict)
     predict.set_defaults(func=cmd_predict)
 
-    serve = sub.add_parser("serve", help="serve every task of one or more runs over HTTP (README: Serving)")
+    serve = sub.add_parser("serve", help="serve every task of one or more runs over HTTP (docs/serving.md)")
     serve.add_argument("runs", nargs="*", metavar="RUN", help="a run directory, or NAME=DIR to name its namespace")
     serve.add_argument("--store", metavar="DIR",
                        help="serve every run folder of DIR (named by its folder), following additions, changes and "

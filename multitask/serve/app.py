@@ -1,7 +1,7 @@
 """The HTTP API of `multitask serve`: every task of one or more runs behind one FastAPI app, with concurrent
 requests micro-batched across tasks and requests (batcher.py) into one model thread.
 
-Endpoints (README, "Serving"): POST /v1/predict, POST /v1/analyze, GET /v1/tasks, GET /health, GET /metrics,
+Endpoints (docs/serving.md): POST /v1/predict, POST /v1/analyze, GET /v1/tasks, GET /health, GET /metrics,
 /openapi.json and, with --docs, /docs. Mistakes a client can make are answered 4xx with one line in
 ``{"detail": ...}``; anything else is a 500 with a short message, logged with its traceback.
 
@@ -649,7 +649,7 @@ def serve(runs: list[str], host: str = "127.0.0.1", port: int = 8080, settings: 
         settings = replace(settings, graceful_timeout=graceful_timeout)
     if settings.api_key is None and not is_loopback(host):
         log.warning("serving on %s without an API key: anyone who reaches this address can use the server "
-                    "(--api-key-file, or MULTITASK_API_KEY; and put a reverse proxy in front: README, Serving)", host)
+                    "(--api-key-file, or MULTITASK_API_KEY; and put a reverse proxy in front: docs/serving.md)", host)
     fleet = load_fleet(runs, store, **load_options)
     log.info("serving %d tasks of %d runs%s", len(fleet.catalog.tasks), len(fleet.runs),
              f"; watching the store {store} every {settings.scan_seconds:g} s" if store is not None else "")

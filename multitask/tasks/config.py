@@ -18,7 +18,7 @@ class SplitSource:
     path: str | None = field(
         default=None, metadata={"help": "File relative to the data root (or absolute); unset for hub datasets."}
     )
-    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "Reader options (see README)."})
+    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "Reader options (docs/tasks.md, formats)."})
     limit: int | None = field(default=None, metadata={"help": "Keep only the first N examples (quick runs)."})
     hub: HubSource | None = field(
         default=None, metadata={"help": "The split on the Hugging Face hub, read when the local file is missing."}
