@@ -94,3 +94,20 @@ def test_chinese_reviews_from_jsonl_train_report_predict_and_serve(tmp_path):
         assert response.status_code == 200, response.text
         served = response.json()["results"][0]["predictions"][0]
         assert served["label"] == answers[0]["label"] and abs(served["score"] - answers[0]["score"]) < 1e-5
+
+
+def test_charts_with_chinese_names_warn_once_where_no_font_draws_them(monkeypatch, caplog, recwarn):
+    from multitask.reporting import plots
+
+    def chart() -> bytes:
+        fig, ax = plots._figure(4, 3)
+        ax.set_xticks([0, 1], ["负面", "正面"])
+        return plots.to_png(fig)
+
+    monkeypatch.setattr(plots, "font_family", lambda: ("DejaVu Sans",))  # as on a machine without CJK fonts
+    plots._no_font_for_glyphs.cache_clear()
+    for _ in range(2):
+        assert plots.with_fonts(chart)().startswith(b"\x89PNG")
+    lines = [r.getMessage() for r in caplog.records if "no installed font" in r.getMessage()]
+    assert len(lines) == 1 and "fonts-noto-cjk" in lines[0]  # one line, not matplotlib's warning per character
+    assert not [w for w in recwarn if "missing from font" in str(w.message)]

@@ -9,18 +9,28 @@ is nothing worth drawing, so callers can simply leave the chart out.
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import math
-from typing import Any, Sequence
+import warnings
+from typing import Any, Callable, Sequence
 
-from matplotlib import colormaps
+from matplotlib import colormaps, font_manager, rc_context
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from multitask.reporting.model import RunReport, TaskReport
 
+log = logging.getLogger(__name__)
+FONT_LOG = logging.getLogger("matplotlib.font_manager")
 DPI = 100
+# Fonts with CJK glyphs, tried (where installed) for characters the default font lacks, so that Chinese label and
+# task names do not draw as empty boxes. Without any of them the charts keep boxes and one log line says why.
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+             "SimHei", "Microsoft YaHei", "PingFang SC", "Heiti SC", "Arial Unicode MS")
+CJK_FILE_HINTS = ("cjk", "wqy", "sourcehan", "simhei", "msyh", "pingfang", "stheiti", "arialuni")
 # Above this many labels a confusion matrix has cells under ~4 px at a readable page width,
 # so it is skipped; TREC-fine (50 labels) still fits.
 MAX_CONFUSION_LABELS = 60
@@ -35,6 +45,35 @@ LEGEND_ROW_CHARS = 120
 LEGEND_HANDLE_CHARS = 8
 
 
+@functools.cache
+def font_family() -> tuple[str, ...]:
+    """The default sans-serif font, then every installed CJK font, for matplotlib's per-glyph fallback."""
+    installed = {entry.name for entry in font_manager.fontManager.ttflist}
+    if not installed.intersection(CJK_FONTS):  # matplotlib's font cache predates a font installed since: look again
+        for path in font_manager.findSystemFonts():
+            if any(hint in path.lower() for hint in CJK_FILE_HINTS):
+                font_manager.fontManager.addfont(path)
+        installed = {entry.name for entry in font_manager.fontManager.ttflist}
+    return ("DejaVu Sans", *(name for name in CJK_FONTS if name in installed))
+
+
+def with_fonts(draw: Callable[..., bytes | None]) -> Callable[..., bytes | None]:
+    """Draw a chart with :func:`font_family` (set while its texts are made: each text keeps the fonts it was made
+    with), leaving the caller's matplotlib settings alone."""
+    @functools.wraps(draw)
+    def drawn(*args: Any, **kwargs: Any) -> bytes | None:
+        level = FONT_LOG.level
+        FONT_LOG.setLevel(logging.ERROR)  # a CJK font of one weight only is no news ("Failed to find font weight")
+        try:
+            with rc_context({"font.family": list(font_family())}):
+                return draw(*args, **kwargs)
+        finally:
+            FONT_LOG.setLevel(level)
+
+    return drawn
+
+
+@with_fonts
 def loss_plot(report: RunReport) -> bytes | None:
     """Training loss per task over steps, lightly smoothed, one colour per task."""
     tasks = [t for t in report.tasks.values() if t.loss_history]
@@ -56,6 +95,7 @@ def loss_plot(report: RunReport) -> bytes | None:
     return to_png(fig)
 
 
+@with_fonts
 def metric_plot(report: RunReport) -> bytes | None:
     """Each task's main metric over steps: colour per task, line style per split."""
     tasks = [t for t in report.tasks.values() if t.metric_history]
@@ -79,6 +119,7 @@ def metric_plot(report: RunReport) -> bytes | None:
     return to_png(fig)
 
 
+@with_fonts
 def confusion_plot(task: TaskReport, split: str) -> bytes | None:
     """Confusion-matrix heatmap for one split, coloured by row share and annotated with counts.
 
@@ -108,6 +149,7 @@ def confusion_plot(task: TaskReport, split: str) -> bytes | None:
     return to_png(fig)
 
 
+@with_fonts
 def entity_f1_plot(task: TaskReport, split: str) -> bytes | None:
     """Horizontal bars of F1 per entity type (best on top), with support in the tick labels."""
     per_type = task.splits[split].details.get("per_type") if split in task.splits else None
@@ -222,5 +264,20 @@ def _finish(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
 
 def to_png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig.savefig(buffer, format="png", bbox_inches="tight")
+    missing = [w for w in caught if "missing from font" in str(w.message)]
+    for other in (w for w in caught if w not in missing):
+        warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+    if missing:
+        _no_font_for_glyphs(str(missing[0].message))
     return buffer.getvalue()
+
+
+@functools.cache
+def _no_font_for_glyphs(example: str) -> None:
+    """Once per process: matplotlib would warn once per character and chart."""
+    log.warning("charts: no installed font draws some characters of the label or task names (%s), so they show as "
+                "boxes in the charts (the report's tables show them); install a CJK font such as Debian's "
+                "fonts-noto-cjk", example)
