@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from multitask.compare import method_experiment
+from multitask.compare import PREFIX_TUNING_LR, method_experiment
 from multitask.config import load_config
 from multitask.errors import ConfigError
 from multitask.experiment import ExperimentConfig
@@ -138,6 +138,7 @@ def test_prefix_tuning_is_li_and_liang_folded_in_the_checkpoint(tmp_path):
     settings = experiment.prefix
     assert (settings.mode, settings.attention, settings.prefix.reparameterize, settings.prefix.layers,
             settings.prefix.init) == ("per_task", "joint", True, "all", "vocab")
+    assert experiment.optimization.prefix_lr == PREFIX_TUNING_LR  # the MLP's rate, not the flat prefixes'
     trainer = run_method(config, tmp_path / "run", "prefix_tuning")
     assert set(trainer.model.prefix_bank.layout.attention.values()) == {"joint"}
     assert all(e.mlp is not None for e in trainer.model.prefix_bank.encoders.values())  # trained through the MLP

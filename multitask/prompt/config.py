@@ -37,7 +37,7 @@ class PromptConfig:
     lr: float | None = field(
         default=None,
         metadata={"help": "Learning rate of the prompts and their prompt encoder (unset: 3e-2 for flat prompts, "
-                  "1e-3 with a prompt encoder; docs/tuning.md)."},
+                  "1e-3 with a prompt encoder; chosen on SST-2, docs/benchmarks.md §16)."},
     )
     init_words: list[str] = field(
         default_factory=list, metadata={"help": "init: vocab: words whose embeddings start the soft tokens, in order."}

@@ -6,18 +6,13 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from multitask.reporting.header import size
 from multitask.reporting.markdown import duration, percent
 from multitask.reporting.plots import to_png
 
 
 def _size(num_bytes: int | None) -> str:
-    if num_bytes is None:
-        return "–"
-    for unit in ("B", "KB", "MB", "GB"):
-        if num_bytes < 1024 or unit == "GB":
-            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1024
-    return "–"
+    return "–" if num_bytes is None else size(num_bytes)
 
 
 def _memory(cell: dict[str, Any]) -> str:
