@@ -34,9 +34,12 @@ def panels(paths: list[Path]) -> dict[tuple[str, float], dict[str, dict]]:
 
 
 def draw(found: dict[tuple[str, float], dict[str, dict]], output: Path) -> None:
-    fig = Figure(figsize=(5 * len(found), 4.2), dpi=100)
-    for index, ((task, minutes), cells) in enumerate(found.items()):
-        ax = fig.add_subplot(1, len(found), index + 1)
+    """One row of panels per budget, one column per task."""
+    tasks = sorted({task for task, _ in found})
+    budgets = sorted({minutes for _, minutes in found})
+    fig = Figure(figsize=(5 * len(tasks), 4.2 * len(budgets)), dpi=100)
+    for (task, minutes), cells in found.items():
+        ax = fig.add_subplot(len(budgets), len(tasks), budgets.index(minutes) * len(tasks) + tasks.index(task) + 1)
         for method, color in METHODS.items():
             if method in cells and cells[method]["curve"]:
                 minutes_at, scores = zip(*cells[method]["curve"])
