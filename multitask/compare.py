@@ -8,6 +8,7 @@ training loop, heads, batching, evaluation and reports are the same for all of t
 from __future__ import annotations
 
 import dataclasses
+import logging
 import subprocess
 import sys
 import time
@@ -16,24 +17,31 @@ from typing import Any, Callable
 
 import yaml
 
+from multitask.checkpoint import checkpoint_dir, read_meta
 from multitask.config import from_dict, to_dict
 from multitask.errors import ConfigError, MultitaskError
-from multitask.experiment import ExperimentConfig
+from multitask.experiment import ExperimentConfig, TaskEntry
 from multitask.registry import Registry
 from multitask.reporting import load_report
 from multitask.runtime import resolve_task_file
-from multitask.training.grow import resolve_base_dir
+from multitask.training.grow import on_base_encoder, resolve_base_dir
 from multitask.utils.atomic import write_json, write_text
 
+log = logging.getLogger(__name__)
 Strategy = Callable[[ExperimentConfig], list[tuple[str, ExperimentConfig]]]
 METHODS: Registry[Strategy] = Registry("comparison method")
 
 
+class MethodSkipped(MultitaskError):
+    """A method this comparison cannot train, found out only from an earlier method's run: its row says why."""
+
+
 def _with(experiment: ExperimentConfig, method: str, mode: str | None = None) -> ExperimentConfig:
-    """The experiment under another method (and prefix mode), trained from scratch: only prefix_transfer grows
-    the experiment's base run."""
+    """The experiment under another method (and prefix mode), trained from scratch (the pretrained encoder, no
+    base): only prefix_transfer grows the experiment's base run, only full_ft_intermediate starts another encoder."""
     prefix = experiment.prefix if mode is None else dataclasses.replace(experiment.prefix, mode=mode)
-    return dataclasses.replace(experiment, method=method, prefix=prefix, base=None)
+    encoder = dataclasses.replace(experiment.encoder, init_from=None)
+    return dataclasses.replace(experiment, method=method, prefix=prefix, encoder=encoder, base=None)
 
 
 METHODS.register("prefix_shared", lambda e: [("prefix_shared", _with(e, "prefix", "shared"))])
@@ -91,6 +99,47 @@ def _transfer(experiment: ExperimentConfig) -> list[tuple[str, ExperimentConfig]
 
 
 METHODS.register("prefix_transfer", _transfer)
+
+# full_ft_intermediate's stage 1 trains base tasks, named in its task entries as BASE_TASK + "<base run>#<task>",
+# or "#" + AUTO_CHOICE: the base tasks whose prefixes prefix_transfer's auto chose in this comparison. compare writes
+# their definitions, as the base saved them, beside stage 1's run just before it trains.
+INTERMEDIATE = "full_ft_intermediate"
+BASE_TASK = "base-task:"
+AUTO_CHOICE = EARLIER_RUN + "prefix_transfer"
+
+
+def _closest_task(experiment: ExperimentConfig, base_tasks: list[str]) -> str:
+    """The base task whose prefix prefix.transfer names (task_<name>), or AUTO_CHOICE for auto (and for none, which
+    prefix_transfer runs as auto)."""
+    transfer = experiment.prefix.transfer
+    if transfer in ("auto", "none"):
+        return AUTO_CHOICE
+    task = transfer.removeprefix("task_")
+    if transfer.startswith("task_") and task in base_tasks:
+        return task
+    raise ConfigError(f"method {INTERMEDIATE}: prefix.transfer {transfer!r} names no task of base {experiment.base} "
+                      f"(its tasks: {', '.join(base_tasks)}); name the closest one as task_<name>, or set auto and "
+                      f"list prefix_transfer before {INTERMEDIATE} to take its choice")
+
+
+def _full_ft_intermediate(experiment: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
+    """STILTs, the classic strong baseline beside a grown model: full fine-tuning on the base's closest task
+    (stage 1), then on the experiment's own tasks from that fine-tuned encoder, with fresh heads (stage 2). Both
+    stages run on the base's encoder and share a time budget."""
+    if experiment.base is None:
+        raise ConfigError(f"method {INTERMEDIATE} fine-tunes on the base's closest task first: set base: <run dir> "
+                          f"in the experiment")
+    meta = read_meta(checkpoint_dir(Path(experiment.base)))
+    task = _closest_task(experiment, [saved["config"]["name"] for saved in meta["tasks"]])
+    encoder = on_base_encoder(dataclasses.replace(experiment, method="prefix"), None).encoder
+    scratch = dataclasses.replace(_with(experiment, "full_ft"), encoder=encoder)
+    stage1 = dataclasses.replace(scratch, tasks=[TaskEntry(file=f"{BASE_TASK}{experiment.base}#{task}")])
+    stage2 = dataclasses.replace(scratch, encoder=dataclasses.replace(
+        encoder, init_from=f"{EARLIER_RUN}{INTERMEDIATE}/stage1"))
+    return [(f"{INTERMEDIATE}/stage1", stage1), (INTERMEDIATE, stage2)]
+
+
+METHODS.register("full_ft_intermediate", _full_ft_intermediate)
 
 
 # P-Tuning v2's ancestors, so the lineage can be compared on the user's own tasks (docs/compare.md).
@@ -195,12 +244,89 @@ def run_in_process(experiment: ExperimentConfig, run_dir: Path, encoder_factory=
     return run_dir
 
 
-def _resolve_earlier_run(experiment: ExperimentConfig, output_dir: Path) -> ExperimentConfig:
-    source = experiment.prefix.init_from
+def _earlier_runs(experiment: ExperimentConfig) -> list[tuple[str, str]]:
+    """(what, label) of each run of this comparison that ``experiment`` starts from or takes its tasks from."""
+    sources = [("prefix.init_from", experiment.prefix.init_from), ("encoder.init_from", experiment.encoder.init_from),
+               *(("task", entry.file.rpartition("#")[2]) for entry in experiment.tasks
+                 if entry.file.startswith(BASE_TASK))]
+    return [(what, source[len(EARLIER_RUN):]) for what, source in sources if source and source.startswith(EARLIER_RUN)]
+
+
+def _check_order(plans: list[tuple[str, list[tuple[str, ExperimentConfig]]]]) -> None:
+    """Every run a stage starts from, or takes its task from, trains before it: refused before anything trains."""
+    trained: set[str] = set()
+    for method, runs in plans:
+        for label, experiment in runs:
+            for what, source in _earlier_runs(experiment):
+                if source in trained:
+                    continue
+                if what == "task":
+                    raise ConfigError(f"method {method}: prefix.transfer is auto, so its intermediate task is the base "
+                                      f"task that {source}'s auto chooses: list {source} before {method} in "
+                                      f"--methods, or name the task (prefix.transfer: task_<name>)")
+                raise ConfigError(f"method {method}: run {label}'s {what} is run {source}, which this comparison "
+                                  f"does not train before it")
+            trained.add(label)
+
+
+def _in_this_comparison(source: str | None, output_dir: Path) -> str | None:
     if not source or not source.startswith(EARLIER_RUN):
-        return experiment
-    prefix = dataclasses.replace(experiment.prefix, init_from=str(output_dir / "runs" / source[len(EARLIER_RUN):]))
-    return dataclasses.replace(experiment, prefix=prefix)
+        return source
+    return str(output_dir / "runs" / source[len(EARLIER_RUN):])
+
+
+def _resolve_earlier_run(experiment: ExperimentConfig, output_dir: Path) -> ExperimentConfig:
+    """Sources named "@<label>" as the run directories of this comparison's earlier runs."""
+    prefix = dataclasses.replace(experiment.prefix, init_from=_in_this_comparison(experiment.prefix.init_from,
+                                                                                  output_dir))
+    encoder = dataclasses.replace(experiment.encoder, init_from=_in_this_comparison(experiment.encoder.init_from,
+                                                                                    output_dir))
+    return dataclasses.replace(experiment, prefix=prefix, encoder=encoder)
+
+
+def _auto_choices(transfer_run: Path, base_tasks: list[str]) -> list[str]:
+    """The base tasks whose prefixes prefix_transfer's auto chose for the experiment's tasks (meta.transfer)."""
+    choices = load_report(transfer_run / "report.json").meta.get("transfer") or {}
+    sources = [choice["source"] for choice in choices.values()]
+    tasks = [source.removeprefix("task_") for source in sources if source.startswith("task_")]
+    chosen = list(dict.fromkeys(task for task in tasks if task in base_tasks))
+    if chosen:
+        return chosen
+    if all(source == "none" for source in sources):
+        raise MethodSkipped(f"prefix_transfer's auto found no base task closer than a fresh start (source none); "
+                            f"name one with prefix.transfer: task_<name> to train {INTERMEDIATE}")
+    raise MethodSkipped(f"prefix_transfer's auto chose {', '.join(sorted(set(sources)))}, no base task's own "
+                        f"prefix; name the closest task with prefix.transfer: task_<name>")
+
+
+def _resolve_base_tasks(experiment: ExperimentConfig, output_dir: Path, run_dir: Path) -> ExperimentConfig:
+    """Base-task entries as task files written into ``run_dir``: each task as its base saved it, its data read
+    from the experiment's data_root."""
+    entries = []
+    for entry in experiment.tasks:
+        if not entry.file.startswith(BASE_TASK):
+            entries.append(entry)
+            continue
+        base, _, named = entry.file[len(BASE_TASK):].rpartition("#")
+        saved = {task["config"]["name"]: task["config"] for task in read_meta(checkpoint_dir(Path(base)))["tasks"]}
+        names = _auto_choices(output_dir / "runs" / AUTO_CHOICE[len(EARLIER_RUN):], list(saved)) \
+            if named == AUTO_CHOICE else [named]
+        for name in names:
+            path = run_dir / f"base_task_{name}.yaml"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_text(path, yaml.safe_dump(saved[name], sort_keys=False, allow_unicode=True))
+            entries.append(dataclasses.replace(entry, file=str(path)))
+    return dataclasses.replace(experiment, tasks=entries)
+
+
+def train_run(label: str, experiment: ExperimentConfig, output_dir: Path, in_process: bool, encoder_factory=None,
+              tokenizer=None) -> Path:
+    """Train one run of a method into runs/<label>, its sources in this comparison resolved first."""
+    run_dir = output_dir / "runs" / label
+    experiment = _resolve_base_tasks(_resolve_earlier_run(experiment, output_dir), output_dir, run_dir)
+    if in_process:
+        return run_in_process(experiment, run_dir, encoder_factory, tokenizer)
+    return run_subprocess(experiment, run_dir)
 
 
 def _is_staged(run_dirs: list[Path]) -> bool:
@@ -217,6 +343,7 @@ def collect(run_dirs: list[Path], split: str, staged: bool = False) -> dict[str,
     later stage's times count on from the earlier stages' and its results replace theirs."""
     tasks = {}
     earlier_train_minutes, earlier_wall = 0.0, 0.0
+    report = None
     for run_dir in run_dirs:
         report = load_report(run_dir / "report.json")
         meta = report.meta
@@ -248,6 +375,8 @@ def collect(run_dirs: list[Path], split: str, staged: bool = False) -> dict[str,
         if staged:
             earlier_train_minutes += (meta.get("train_time_s") or 0.0) / 60.0
             earlier_wall = wall
+    if staged and report is not None:  # an earlier stage's own tasks (an intermediate task) are not the results
+        tasks = {name: cell for name, cell in tasks.items() if name in report.tasks}
     return tasks
 
 
@@ -267,15 +396,16 @@ def compare(
     results: dict[str, Any] = {"split": split, "experiment": experiment.name, "methods": {},
                                "budget_minutes": budget_minutes}
     started = time.perf_counter()
-    for method in methods:
-        run_dirs = []
-        for label, method_config in method_experiment(experiment, method, config_path):
-            run_dir = output_dir / "runs" / label
-            method_config = _resolve_earlier_run(method_config, output_dir)
-            if in_process:
-                run_dirs.append(run_in_process(method_config, run_dir, encoder_factory, tokenizer))
-            else:
-                run_dirs.append(run_subprocess(method_config, run_dir))
+    plans = [(method, method_experiment(experiment, method, config_path)) for method in methods]
+    _check_order(plans)
+    for method, runs in plans:
+        try:
+            run_dirs = [train_run(label, method_config, output_dir, in_process, encoder_factory, tokenizer)
+                        for label, method_config in runs]
+        except MethodSkipped as skipped:
+            log.warning("method %s not trained: %s", method, skipped)
+            results["methods"][method] = {"tasks": {}, "skipped": str(skipped)}
+            continue
         results["methods"][method] = {"tasks": collect(run_dirs, split, staged=_is_staged(run_dirs))}
     results["peak_memory_per_method"] = not in_process
     results["wall_time_s"] = round(time.perf_counter() - started, 1)

@@ -18,6 +18,13 @@ class EncoderConfig:
     )
     attention: Literal["sdpa", "eager"] = field(default="sdpa", metadata={"help": "Attention kernel."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "method: full_ft only: a finished full_ft run (its folder, from the working directory) of "
+                  "the same encoder name, whose fine-tuned encoder weights this run's encoder starts from instead "
+                  "of the pretrained ones (intermediate-task training, STILTs); heads start fresh. `multitask "
+                  "compare`'s full_ft_intermediate sets it; its other methods start from the pretrained encoder."},
+    )
 
 
 @dataclass

@@ -56,8 +56,10 @@ def test_each_method_trains_only_its_parameters(tmp_path):
 def test_compare_writes_every_method_and_task_cell(tmp_path):
     config = write_project(tmp_path, max_steps=4)
     experiment = load_config(ExperimentConfig, config)
-    # The tiny encoder has 2 layers; prefix_transfer needs a base run (tests/test_grow.py).
-    methods = [m for m in METHODS.available() if not m.endswith(("top2", "top3")) and m != "prefix_transfer"]
+    # The tiny encoder has 2 layers; prefix_transfer and full_ft_intermediate need a base run (tests/test_grow.py,
+    # tests/test_full_ft_intermediate.py).
+    methods = [m for m in METHODS.available()
+               if not m.endswith(("top2", "top3")) and m not in ("prefix_transfer", "full_ft_intermediate")]
     results = compare(experiment, methods, tmp_path / "cmp", config_path=config, in_process=True,
                       encoder_factory=lambda: tiny_encoder("bert"))
     saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
@@ -98,5 +100,6 @@ def test_method_overrides_apply_to_their_method_only(tmp_path):
 
 
 def test_unknown_method_is_a_clear_error():
-    with pytest.raises(ConfigError, match="unknown comparison method 'adapters'; known: full_ft, linear_probe, lora"):
+    with pytest.raises(ConfigError, match="unknown comparison method 'adapters'; known: full_ft, "
+                                          "full_ft_intermediate, linear_probe, lora"):
         parse_methods("lora,adapters")

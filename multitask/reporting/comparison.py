@@ -37,6 +37,9 @@ def render_comparison_markdown(results: dict[str, Any]) -> str:
         known = [s for s in scores if s is not None]
         mean = sum(known) / len(known) if known else None
         lines.append(f"| {method} | " + " | ".join(percent(s) for s in scores) + f" | {percent(mean)} |")
+    skipped = [f"- {method} was not trained: {data['skipped']}" for method, data in methods.items()
+               if data.get("skipped")]
+    lines += ["", *skipped] if skipped else []
     lines += ["", "## Cost per method and task", "",
               "| Method | Task | Main metric | Train wall time | Examples/s | Step time | Peak memory | Trainable params "
               "(% of encoder) | Frozen cache | Checkpoint |",

@@ -1,5 +1,6 @@
 """Start prefixes and heads from an earlier run (``prefix.init_from``) and freeze some prefixes (``prefix.freeze``):
-the multi-task-then-specialise recipe (a shared prefix trained on every task, then task prefixes on top of it)."""
+the multi-task-then-specialise recipe (a shared prefix trained on every task, then task prefixes on top of it).
+``encoder.init_from`` starts a full fine-tuning run from another's fine-tuned encoder (intermediate-task training)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from multitask.checkpoint import read_checkpoint
 from multitask.errors import CheckpointError, ConfigError
+from multitask.experiment import ExperimentConfig
 from multitask.model import MultiTaskModel
 from multitask.prefix.config import PrefixConfig
 from multitask.prefix.encoder import PrefixEncoder
@@ -65,3 +67,37 @@ def freeze_prefixes(model: MultiTaskModel, names: list[str]) -> None:
                               f"{', '.join(known) or 'none (method is not prefix)'}")
         bank.encoders[name] = bank.encoders[name].fold()
         bank.encoders[name].requires_grad_(False)
+
+
+# Weights a fully fine-tuned run may or may not carry (no head of it read the pooler): never required to match.
+OPTIONAL_ENCODER_WEIGHTS = "pooler."
+
+
+@torch.no_grad()
+def init_encoder_from_run(encoder: torch.nn.Module, run_dir: str | Path, experiment: ExperimentConfig) -> int:
+    """Copy a full_ft run's fine-tuned encoder weights into ``encoder``; returns how many tensors were copied.
+    STILTs-style intermediate training: fine-tune on a related task first, then on the experiment's own tasks,
+    whose heads start fresh (the tasks differ, so the earlier run's heads are not copied)."""
+    where = f"encoder.init_from {run_dir}"
+    if experiment.method != "full_ft":
+        raise ConfigError(f"{where}: only a full fine-tuning run (method: full_ft) starts from another run's encoder; "
+                          f"this one is method {experiment.method}")
+    meta, weights = read_checkpoint(Path(run_dir))
+    if meta["method"] != "full_ft":
+        raise ConfigError(f"{where}: that run was trained with method {meta['method']}; only a full_ft run saves a "
+                          f"fine-tuned encoder")
+    if meta["encoder"]["name"] != experiment.encoder.name:
+        raise ConfigError(f"{where}: that run fine-tuned encoder {meta['encoder']['name']!r}, this one loads "
+                          f"{experiment.encoder.name!r}; name the same encoder")
+    saved = {key[len("encoder."):]: value for key, value in weights.items() if key.startswith("encoder.")}
+    own = dict(encoder.named_parameters())
+    unmatched = sorted(name for name in set(own) ^ set(saved) if not name.startswith(OPTIONAL_ENCODER_WEIGHTS))
+    unmatched += [name for name in saved if name in own and own[name].shape != saved[name].shape]
+    if unmatched:
+        raise CheckpointError(f"{where}: its encoder weights do not fit this encoder (first: "
+                              f"{', '.join(unmatched[:3])}); retrain that run or name another")
+    copied = [name for name in saved if name in own]
+    for name in copied:
+        own[name].copy_(saved[name])
+    log.info("encoder.init_from %s: %d encoder weights", run_dir, len(copied))
+    return len(copied)

@@ -38,7 +38,7 @@ from multitask.training.grow import (
     build_grown_model, check_base_unchanged, check_new_tasks, grown_tasks_meta, load_base, new_prefix_name,
     on_base_encoder, start_new_prefixes, transfer_report,
 )
-from multitask.training.init_from import freeze_prefixes, init_from_run
+from multitask.training.init_from import freeze_prefixes, init_encoder_from_run, init_from_run
 from multitask.training.optim import ProgressSchedule, build_optimizer
 from multitask.training.sampler import make_sampler
 from multitask.training.state import load_training_state, save_training_state, trainable_state
@@ -185,6 +185,8 @@ class Trainer:
             self.encoder_identity = {"name": experiment.encoder.name, "fingerprint": encoder_fingerprint(encoder)}
             seed_everything(experiment.seed)
             self.model = build_model(experiment, [t.task for t in self.tasks], encoder, self.tunings).to(self.device)
+        if experiment.encoder.init_from and saved is None:  # a resumed run's saved encoder replaces it
+            init_encoder_from_run(self.model.encoder, experiment.encoder.init_from, experiment)
         self.precision, self.precision_reason = resolve_precision(experiment.precision, self.device)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.prefix_similarity: dict[str, float] = {}
