@@ -18,7 +18,7 @@ from multitask.model import ModelInputs
 from multitask.prefix.adapt import adapt_key_values
 from multitask.run import load_run
 from multitask.tasks.base import featurize_examples
-from multitask.training.prefix_transfer import ScoringData
+from multitask.training.prefix_transfer import CandidateScore, best_candidate, fold_count, held_out_folds
 from multitask.training.state import trainable_state
 from multitask.training.trainer import Trainer
 from tests.fixtures import write_project
@@ -123,8 +123,11 @@ def test_the_grown_run_records_its_base_and_the_transfer_choice(bases, grown):
     assert report["meta"]["base"] == meta["base"]
     choice = report["meta"]["transfer"]["qa"]
     assert choice["setting"] == "auto"
-    assert set(choice["held_back_train_loss"]) == {"none", "task_cls", "task_ner"}
-    assert choice["source"] == min(choice["held_back_train_loss"], key=choice["held_back_train_loss"].get)
+    trial = dict(choice["trial"])
+    assert 1 <= trial.pop("folds") <= 5 and trial == {"steps": 3, "criterion": "metric", "metric": "f1"}
+    held = choice["held_back"]
+    assert set(held) == {"none", "task_cls", "task_ner"}
+    assert choice["source"] == max(held, key=lambda name: (held[name]["metric"], -held[name]["loss"]))
     assert set(report["tasks"]) == {"qa"}  # only the new task was trained and evaluated here
 
 
@@ -179,12 +182,40 @@ def test_adapting_cuts_repeats_and_maps_layers_by_index():
         adapt_key_values(kv, (1, 2, 3), (0,), 4, "p", fill[:1])  # nothing in common
 
 
-def test_auto_scores_on_training_data_it_holds_back():
-    data = ScoringData.split(50, seed=3)
-    assert len(data.held) == 10 and not set(data.fit) & set(data.held) and sorted(data.fit + data.held) == list(range(50))
-    assert ScoringData.split(50, seed=3) == data
-    with pytest.raises(ConfigError, match="at least 2 training inputs"):
-        ScoringData.split(1, seed=3)
+def test_auto_scores_on_training_examples_it_holds_back_in_disjoint_folds():
+    (one,) = held_out_folds(50, folds=1, seed=3)
+    assert len(one.held) == 10 and not set(one.fit) & set(one.held) and sorted(one.fit + one.held) == list(range(50))
+    assert held_out_folds(50, folds=1, seed=3) == [one]
+    five = held_out_folds(50, folds=5, seed=3)
+    assert five[0] == one and sorted(e for fold in five for e in fold.held) == list(range(50))  # each held once
+    for fold in five:
+        assert len(fold.held) == 10 and sorted(fold.fit + fold.held) == list(range(50))
+    assert len(held_out_folds(50, folds=9, seed=3)) == 5  # no more folds than disjoint slices
+    assert fold_count(100, None) == 5 and fold_count(300, None) == 2 and fold_count(500, None) == 1  # 100 scored
+    assert fold_count(10, None) == 5 and fold_count(5000, None) == 1
+    assert len(held_out_folds(5000, folds=2, seed=3)[0].held) == 256  # at most HELD_MAX per fold
+    with pytest.raises(ConfigError, match="at least 2 training examples"):
+        held_out_folds(1, folds=1, seed=3)
+
+
+def test_auto_chooses_by_the_held_back_metric_then_loss_and_a_fresh_start_wins_ties():
+    scores = {"none": CandidateScore(0.5, 1.0), "a": CandidateScore(0.7, 2.0), "b": CandidateScore(0.7, 1.5)}
+    assert best_candidate(scores, "metric") == "b"  # metric first, loss breaks the tie
+    assert best_candidate(scores, "loss") == "none"
+    assert best_candidate({"none": CandidateScore(0.7, 1.5), "b": CandidateScore(0.7, 1.5)}, "metric") == "none"
+    assert best_candidate({"none": CandidateScore(None, 1.0), "a": CandidateScore(None, 0.5)}, "loss") == "a"
+
+
+def test_auto_in_folds_by_loss_records_its_trial_and_the_lowest_loss_wins(project, bases):
+    config = write_grow_config(project, bases["per_task"], name="folds")
+    trainer = Trainer(load_config(ExperimentConfig, config, ["prefix.transfer_folds=2",
+                                                               "prefix.transfer_criterion=loss"]),
+                      project / "runs" / "folds", config_path=config, progress=False)
+    choice = trainer.transfers["qa"]
+    assert choice["trial"] == {"steps": 3, "folds": 2, "criterion": "loss", "metric": "f1"}
+    held = choice["held_back"]
+    assert set(held) == {"none", "task_cls", "task_ner"} and all(set(s) == {"loss"} for s in held.values())
+    assert choice["source"] == min(held, key=lambda name: held[name]["loss"])
 
 
 def test_refusals_are_one_line(project, bases, capsys):

@@ -217,7 +217,9 @@ FULL_META = {
     "peak_gpu_memory_bytes": None,
     "base": {"path": "/runs/base", "checkpoint_sha256": "ec72da728fe47076f072be0f13ab054d", "tasks": ["a", "b"]},
     "transfer": {"conll": {"setting": "auto", "source": "task_a",
-                           "held_back_train_loss": {"none": 0.48, "task_a": 0.2555},
+                           "trial": {"steps": 40, "folds": 3, "criterion": "metric", "metric": "f1"},
+                           "held_back": {"none": {"metric": 0.412, "loss": 0.48},
+                                         "task_a": {"metric": 0.556, "loss": 0.2555}},
                            "skipped": {"task_b": "prefix 'task_b' lives in layers [3, 4, 5], so it cannot start a "
                                                  "prefix in layers [0, 1, 2, 3, 4, 5]"}, "head_from": None}},
     "some_new_counter": {"nested": {"x": 1}, "listed": [1, 2]},
@@ -258,7 +260,10 @@ def test_header_states_times_cache_and_cosines_in_words() -> None:
     assert "task_sentiment -0.0005, task_conll 0.0065, task_squad 0.0000" in text
     assert "2.9 GB in RAM" in text and "49,738" in text and "fp32 (auto: no native bf16 on this cpu)" in text
     assert "/runs/base (checkpoint ec72da728fe4…, tasks a and b)" in text
-    assert "none 0.480, task_a 0.256" in text and "lives in layers 3–5" in text and "layers 0–5" in text
+    assert "none 0.412 (loss 0.480), task_a 0.556 (loss 0.256)" in text
+    assert "auto trained each candidate 40 steps in each of 3 held-back fold(s) of the training data and chose by f1" \
+        in text
+    assert "lives in layers 3–5" in text and "layers 0–5" in text
     assert "nested (x 1), listed (1, 2)" in text  # an unknown key, still readable
 
 
@@ -296,6 +301,9 @@ def test_old_and_odd_reports_still_render(tmp_path) -> None:
     report = load_report(path)
     page, markdown = render_html(report), render_markdown(report)
     assert "Settings" not in page and "1m 15s" in page and "90.00" in page
+    older_transfer = {"conll": {"setting": "auto", "source": "task_a",
+                                "held_back_train_loss": {"none": 0.48, "task_a": 0.2555}}}
+    assert "none 0.480, task_a 0.256" in render_markdown(RunReport(tasks={}, meta={"transfer": older_transfer}))
     assert "1m 15s" in markdown and "Settings" not in markdown
     odd = RunReport(tasks={}, meta={
         "settings": {"a": "something the parser does not know", "b": {"prefix_length": {"value": 8, "source": "x"}}},

@@ -136,13 +136,27 @@ class PrefixBankConfig:
         metadata={"help": "With base (growing a model): how each new task's own prefix starts. none: as a new "
                   "prefix does (init); a prefix name of the base (task_conll2003, shared, group_x): its trained "
                   "keys/values, fitted to the new prefix's length and layers; auto: every base prefix and none are "
-                  "each trained for transfer_steps on most of the task's training data and scored by loss on the "
-                  "rest of it, and the lowest loss wins (never the validation split); mixture: a fresh prefix "
-                  "plus a learned, input-dependent mix of every base prefix (frozen), as ATTEMPT does, its mixing "
-                  "weights reported. A task file's prefix.transfer overrides it for that task."},
+                  "each trained for transfer_steps on most of the task's training data and scored on the rest of "
+                  "it (transfer_criterion, transfer_folds), and the best wins (never the validation split); "
+                  "mixture: a fresh prefix plus a learned, input-dependent mix of every base prefix (frozen), as "
+                  "ATTEMPT does, its mixing weights reported. A task file's prefix.transfer overrides it for that "
+                  "task."},
     )
     transfer_steps: int = field(
         default=20, metadata={"help": "transfer: auto: optimiser steps each candidate trains before it is scored."}
+    )
+    transfer_folds: int | None = field(
+        default=None,
+        metadata={"help": "transfer: auto: how many disjoint held-back slices of the training examples (20% each, at "
+                  "most 256) score each candidate; its score is the mean over them. Each costs transfer_steps "
+                  "steps per candidate. Unset: as many as it takes to score on 100 examples in all (5 folds for "
+                  "100 examples, 1 from 500): with little data one slice is too noisy a judge."},
+    )
+    transfer_criterion: str = field(
+        default="metric",
+        metadata={"help": "transfer: auto: what scores a candidate on the held-back examples. metric: the task's "
+                  "main metric (accuracy, entity F1, ...), ties broken by loss; loss: the training loss alone "
+                  "(cheaper: no decoding)."},
     )
 
     def __post_init__(self) -> None:
@@ -151,9 +165,15 @@ class PrefixBankConfig:
         check_transfer(self.transfer)
         if self.transfer_steps < 1:
             raise ValueError(f"transfer_steps must be >= 1, got {self.transfer_steps}")
+        if self.transfer_folds is not None and self.transfer_folds < 1:
+            raise ValueError(f"transfer_folds must be >= 1, got {self.transfer_folds}")
+        if self.transfer_criterion not in TRANSFER_CRITERIA:
+            raise ValueError(f"transfer_criterion: expected one of {', '.join(TRANSFER_CRITERIA)}, got "
+                             f"{self.transfer_criterion!r}")
 
 
 TRANSFER_CHOICES = ("none", "auto", "mixture")
+TRANSFER_CRITERIA = ("metric", "loss")
 
 
 def check_transfer(value: str) -> None:

@@ -383,7 +383,7 @@ def _transfer_table(transfer: Any) -> Table | None:
     if not isinstance(transfer, dict) or not transfer:
         return None
     rows, notes = [], []
-    losses = any(isinstance(c, dict) and c.get("held_back_train_loss") for c in transfer.values())
+    losses = any(isinstance(c, dict) and _held_back(c) for c in transfer.values())
     mixing = any(isinstance(c, dict) and c.get("mixing_weights") for c in transfer.values())
     for task, choice in transfer.items():
         if not isinstance(choice, dict):
@@ -392,9 +392,8 @@ def _transfer_table(transfer: Any) -> Table | None:
         row = [Cell(str(task)), Cell(readable(choice.get("setting"))), Cell(readable(choice.get("source"))),
                Cell(readable(choice.get("head_from")) if choice.get("head_from") else "new")]
         if losses:
-            scores = choice.get("held_back_train_loss") or {}
-            row.append(Cell(", ".join(f"{k} {fixed(v, 3)}" for k, v in scores.items())
-                            if isinstance(scores, dict) and scores else MISSING))
+            scores = _held_back(choice)
+            row.append(Cell(", ".join(f"{k} {_candidate_text(v)}" for k, v in scores.items()) if scores else MISSING))
         if mixing:
             row.append(Cell(_mixing_text(choice.get("mixing_weights"))))
         rows.append(row)
@@ -402,11 +401,30 @@ def _transfer_table(transfer: Any) -> Table | None:
         if isinstance(skipped, dict):
             notes += [f"{task} could not start from {source}: {_ranges(readable(reason))}"
                       for source, reason in skipped.items()]
-        known = {"setting", "source", "head_from", "held_back_train_loss", "mixing_weights", "skipped"}
+        trial = choice.get("trial")
+        if isinstance(trial, dict) and trial:
+            notes.append(f"{task}: auto trained each candidate {trial.get('steps')} steps in each of "
+                         f"{trial.get('folds')} held-back fold(s) of the training data and chose by "
+                         f"{trial.get('metric') if trial.get('criterion') == 'metric' else 'loss'}")
+        known = {"setting", "source", "head_from", "held_back_train_loss", "held_back", "trial", "mixing_weights",
+                 "skipped"}
         notes += [f"{task}: {label_of(k).lower()} {readable(v, k)}" for k, v in choice.items() if k not in known]
     columns = ["Task", "Transfer setting", "Prefix started from", "Head started from"]
-    columns += ["Held-back train loss"] * losses + ["Mean mixing weights"] * mixing
+    columns += ["Held-back scores (auto)"] * losses + ["Mean mixing weights"] * mixing
     return Table("Prefix transfer", columns, rows, numeric_from=len(columns), notes=notes)
+
+
+def _held_back(choice: dict) -> dict:
+    """auto's candidates and their held-back scores (reports before folds kept the loss alone)."""
+    scores = choice.get("held_back") or choice.get("held_back_train_loss") or {}
+    return scores if isinstance(scores, dict) else {}
+
+
+def _candidate_text(score: Any) -> str:
+    if not isinstance(score, dict):
+        return fixed(score, 3)
+    loss = f"loss {fixed(score.get('loss'), 3)}"
+    return f"{fixed(score['metric'], 3)} ({loss})" if score.get("metric") is not None else loss
 
 
 def _ranges(text: str) -> str:

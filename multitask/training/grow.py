@@ -34,7 +34,9 @@ from multitask.prefix.bank import SHARED, PrefixLayout, plan_layout
 from multitask.prefix.config import resolve_layers
 from multitask.runtime import TaskRuntime, build_heads, prefix_requests
 from multitask.tasks.base import TaskType
-from multitask.training.prefix_transfer import mean_mixing_weights, score_candidates, source_key_values, start_prefix
+from multitask.training.prefix_transfer import (
+    TrialPlan, mean_mixing_weights, score_candidates, source_key_values, start_prefix,
+)
 from multitask.tuning import TaskTuning
 from multitask.utils.atomic import ensure_writable
 
@@ -287,22 +289,24 @@ def start_head_from_base(model: MultiTaskModel, base: BaseRun, task: TaskType) -
 
 
 def start_new_prefixes(model: MultiTaskModel, base: BaseRun, experiment: ExperimentConfig, tasks: list[TaskRuntime],
-                       tunings: dict[str, TaskTuning], device: torch.device, precision: str, pad_id: int,
+                       tunings: dict[str, TaskTuning], tokenizer, device: torch.device, precision: str, pad_id: int,
                        ) -> dict[str, dict[str, Any]]:
     """Each new task's prefix starts as prefix.transfer says (the task file's setting first), and its head from
     a base head where head.transfer_from names one (after auto's scoring, which starts every candidate from
     the same head). Returns how each started, by task."""
     choices = {}
+    settings = experiment.prefix
+    plan = TrialPlan(settings.transfer_steps, settings.transfer_folds, settings.transfer_criterion)
     for runtime in tasks:
         setting = transfer_setting(experiment, runtime.task)
         tuning = tunings[runtime.name]
 
         def scorer(starts, runtime=runtime, tuning=tuning):
             return score_candidates(model, runtime, new_prefix_name(runtime.name), starts,
-                                    (tuning.prefix_lr, tuning.head_lr), experiment.prefix.transfer_steps,
-                                    device, precision, pad_id, experiment.seed)
+                                    (tuning.prefix_lr, tuning.head_lr), plan, tokenizer, device, precision, pad_id,
+                                    experiment.seed)
 
-        choice = start_prefix(model, runtime, new_prefix_name(runtime.name), setting, base.prefix_names, scorer)
+        choice = start_prefix(model, runtime, new_prefix_name(runtime.name), setting, base.prefix_names, plan, scorer)
         choices[runtime.name] = {**choice.describe(), "head_from": start_head_from_base(model, base, runtime.task)}
     return choices
 

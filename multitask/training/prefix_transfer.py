@@ -2,14 +2,17 @@
 
 Which source prefix helps a new task is not predictable from names or task types (DESIGN.md §6: a sentiment
 prefix started a question-type classifier 21 points higher). ``auto`` therefore measures: each candidate (every
-base prefix, and a fresh start) trains the new prefix and head for a few steps on most of the task's training data,
-and is scored by its loss on the rest of the training data. The validation split plays no part, so it stays a fair
-estimate of the finished run. SPoT (Vu et al., 2022) chose source prompts the same way, by their transfer.
+base prefix, and a fresh start) trains the new prefix and head for a few steps on most of the task's training examples,
+and is scored on the rest of them: by the task's main metric (ties broken by loss), or by loss alone. With little data
+one held-back slice is a noisy judge, so ``transfer_folds`` scores each candidate on several disjoint slices and
+averages. The validation split plays no part, so it stays a fair estimate of the finished run. SPoT (Vu et al.,
+2022) chose source prompts the same way, by their transfer.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -22,11 +25,45 @@ from multitask.model import ModelInputs, MultiTaskModel
 from multitask.prefix.adapt import adapt_key_values
 from multitask.prefix.encoder import PrefixEncoder
 from multitask.prefix.mixture import input_summary
+from multitask.tasks.base import featurize_examples
 
 log = logging.getLogger(__name__)
 FRESH, MIXTURE = "none", "mixture"
-# The held-back share of the training inputs that scores the candidates of `auto` (at most HELD_MAX inputs).
+# The held-back share of the training examples that scores the candidates of `auto`, per fold (at most HELD_MAX).
 HELD_SHARE, HELD_MAX = 0.2, 256
+# Unless transfer_folds says otherwise, candidates are scored on at least HELD_ENOUGH held-back examples in all,
+# through as many disjoint folds as that takes (5 at most: each fold holds back HELD_SHARE of the examples).
+HELD_ENOUGH, MAX_FOLDS = 100, 5
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """How ``auto`` scores each candidate: ``steps`` optimiser steps on the fitting share of the training data, in
+    each of ``folds`` disjoint held-back slices, then the held-back main metric (``criterion: metric``, ties broken by
+    loss) or loss (``criterion: loss``), averaged over the folds."""
+
+    steps: int
+    folds: int | None = None  # None: enough folds to score on HELD_ENOUGH examples
+    criterion: str = "metric"
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    """One candidate's held-back scores, averaged over the folds: the task's main metric (None when the criterion
+    is loss) and the loss."""
+
+    metric: float | None
+    loss: float
+
+    def rank(self, criterion: str) -> tuple[float, ...]:
+        """Larger is better."""
+        if criterion == "metric" and self.metric is not None:
+            return (self.metric, -self.loss)
+        return (-self.loss,)
+
+    def describe(self) -> dict[str, float]:
+        loss = round(self.loss, 6) if math.isfinite(self.loss) else None  # no held-back loss terms
+        return {"loss": loss, **({"metric": round(self.metric, 6)} if self.metric is not None else {})}
 
 
 @dataclass
@@ -35,12 +72,15 @@ class TransferChoice:
 
     setting: str
     source: str
-    scores: dict[str, float] = field(default_factory=dict)  # held-back training loss per candidate (auto)
+    scores: dict[str, CandidateScore] = field(default_factory=dict)  # held-back scores per candidate (auto)
     skipped: dict[str, str] = field(default_factory=dict)  # candidates that could not fit, and why
+    trial: dict[str, Any] = field(default_factory=dict)  # how auto scored them (TrialPlan, and the metric's name)
 
     def describe(self) -> dict[str, Any]:
-        return {"setting": self.setting, "source": self.source, "held_back_train_loss": self.scores,
-                "skipped": self.skipped}
+        described = {"setting": self.setting, "source": self.source, "skipped": self.skipped}
+        if self.scores:
+            described.update(trial=self.trial, held_back={n: s.describe() for n, s in self.scores.items()})
+        return described
 
 
 def source_key_values(source: PrefixEncoder, layers: tuple[int, ...], length: int, name: str,
@@ -69,50 +109,95 @@ def candidates(model: MultiTaskModel, target_name: str, sources: list[str]) -> t
 
 
 @dataclass
-class ScoringData:
-    """A task's training inputs split for scoring: batches to train on, and the held-back inputs to score on."""
+class HeldOutFold:
+    """One split of a task's training examples for scoring: examples to train on, examples to score on."""
 
     fit: list[int]
     held: list[int]
 
-    @classmethod
-    def split(cls, size: int, seed: int) -> "ScoringData":
-        if size < 2:
-            raise ConfigError("prefix.transfer: auto needs at least 2 training inputs (some to train each candidate "
-                              "on, some to score it on)")
-        order = list(range(size))
-        random.Random(seed).shuffle(order)
-        held = max(1, min(HELD_MAX, int(size * HELD_SHARE)))
-        return cls(fit=sorted(order[held:]), held=sorted(order[:held]))
+
+def held_out_folds(size: int, folds: int | None, seed: int) -> list[HeldOutFold]:
+    """Disjoint held-back slices of ``size`` training examples (:func:`fold_count` of them), each HELD_SHARE of the
+    examples (at most HELD_MAX, at least one), with the rest to train on. Folds split examples, not model inputs,
+    so no window of a held-back example (QA) is trained on."""
+    held = _held_size(size)
+    order = list(range(size))
+    random.Random(seed).shuffle(order)
+    slices = [order[k * held : (k + 1) * held] for k in range(fold_count(size, folds))]
+    return [HeldOutFold(fit=sorted(set(order) - set(part)), held=sorted(part)) for part in slices]
+
+
+def fold_count(size: int, folds: int | None) -> int:
+    """How many folds score the candidates: ``folds`` (None: as many as it takes to hold back HELD_ENOUGH examples
+    in all, at most MAX_FOLDS), never more than fit disjointly."""
+    held = _held_size(size)
+    wanted = min(MAX_FOLDS, math.ceil(HELD_ENOUGH / held)) if folds is None else folds
+    return min(wanted, size // held)
+
+
+def _held_size(size: int) -> int:
+    if size < 2:
+        raise ConfigError("prefix.transfer: auto needs at least 2 training examples (some to train each candidate "
+                          "on, some to score it on)")
+    return max(1, min(HELD_MAX, int(size * HELD_SHARE)))
 
 
 def score_candidates(
     model: MultiTaskModel, runtime, target_name: str, starts: dict[str, torch.Tensor | None],
-    learning_rates: tuple[float, float], steps: int, device: torch.device, precision: str, pad_id: int, seed: int,
-) -> dict[str, float]:
-    """Each start's held-back training loss after ``steps`` AdamW steps on the new prefix and head.
+    learning_rates: tuple[float, float], plan: TrialPlan, tokenizer, device: torch.device, precision: str,
+    pad_id: int, seed: int,
+) -> dict[str, CandidateScore]:
+    """Each start's held-back scores after ``plan.steps`` AdamW steps on the new prefix and head, in every fold.
 
     Every candidate starts from the same head and the same random stream, so only its prefix differs; afterwards the
     prefix and head are back as they were."""
     prefix, head = model.prefix_bank.encoders[target_name], model.heads[runtime.name]
     saved = {key: value.clone() for key, value in {**_prefixed(prefix, "p"), **_prefixed(head, "h")}.items()}
-    data = ScoringData.split(len(runtime.features["train"]), seed)
+    folds = held_out_folds(len(runtime.examples["train"]), plan.folds, seed)
     task_id = model.task_id(runtime.name)
+    rows_of = _rows_by_example(runtime.features["train"])
     scores = {}
     try:
         for name, kv in starts.items():
-            _load(prefix, head, saved)
-            if kv is not None:
-                prefix.set_initial(kv.to(device))
-            torch.manual_seed(seed)
-            _fit(model, runtime, prefix, head, data.fit, learning_rates, steps, task_id, device, precision, pad_id,
-                 seed)
-            scores[name] = _held_loss(model, runtime, data.held, task_id, device, precision, pad_id)
-            log.info("transfer %s: candidate %s: held-back training loss %.4f after %d steps", runtime.name, name,
-                     scores[name], steps)
+            per_fold = []
+            for fold in folds:
+                _load(prefix, head, saved)
+                if kv is not None:
+                    prefix.set_initial(kv.to(device))
+                torch.manual_seed(seed)
+                fit_rows = [row for example in fold.fit for row in rows_of.get(example, [])]
+                if not fit_rows:
+                    raise ConfigError(f"task {runtime.name}: prefix.transfer: auto: none of the training examples "
+                                      f"outside a held-back slice gave a model input to train on")
+                _fit(model, runtime, prefix, head, fit_rows, learning_rates, plan.steps, task_id, device, precision,
+                     pad_id, seed)
+                held_rows = [row for example in fold.held for row in rows_of.get(example, [])]
+                loss = _held_loss(model, runtime, held_rows, task_id, device, precision, pad_id)
+                metric = _held_metric(model, runtime, fold.held, task_id, tokenizer, device, precision, pad_id) \
+                    if plan.criterion == "metric" else None
+                per_fold.append((metric, loss))
+            scores[name] = CandidateScore(
+                metric=None if plan.criterion != "metric" else sum(m for m, _ in per_fold) / len(per_fold),
+                loss=sum(loss for _, loss in per_fold) / len(per_fold))
+            log.info("transfer %s: candidate %s: held-back %s after %d steps (%d fold%s)", runtime.name, name,
+                     _words(scores[name], runtime.task.main_metric()), plan.steps, len(folds),
+                     "" if len(folds) == 1 else "s")
     finally:
         _load(prefix, head, saved)
     return scores
+
+
+def _words(score: CandidateScore, metric: str) -> str:
+    loss = f"loss {score.loss:.4f}"
+    return loss if score.metric is None else f"{metric} {score.metric:.4f}, {loss}"
+
+
+def _rows_by_example(features) -> dict[int, list[int]]:
+    """The indices of the model inputs made from each training example."""
+    rows: dict[int, list[int]] = {}
+    for index, feature in enumerate(features):
+        rows.setdefault(feature.example_index, []).append(index)
+    return rows
 
 
 def _prefixed(module: torch.nn.Module, tag: str) -> dict[str, torch.Tensor]:
@@ -159,7 +244,10 @@ def _fit(model, runtime, prefix, head, rows, learning_rates, steps, task_id, dev
 
 @torch.no_grad()
 def _held_loss(model, runtime, rows, task_id, device, precision, pad_id) -> float:
-    """The held-back inputs' loss, each loss term (row, or labelled token) counting alike."""
+    """The held-back inputs' loss, each loss term (row, or labelled token) counting alike (infinite without any:
+    such a slice tells the candidates apart by the metric alone)."""
+    if not rows:
+        return float("inf")
     model.eval()
     total, terms = 0.0, 0
     for start in range(0, len(rows), runtime.batch_size):
@@ -170,9 +258,27 @@ def _held_loss(model, runtime, rows, task_id, device, precision, pad_id) -> floa
     return total / terms
 
 
+@torch.no_grad()
+def _held_metric(model, runtime, held: list[int], task_id, tokenizer, device, precision, pad_id) -> float:
+    """The task's main metric on the held-back training examples, made into inputs as for evaluation."""
+    model.eval()
+    task = runtime.task
+    examples = [runtime.examples["train"][i] for i in held]
+    features = featurize_examples(task, examples, tokenizer, training=False)
+    logits = []
+    for start in range(0, len(features), runtime.batch_size):
+        part = features[start : start + runtime.batch_size]
+        batch = task.collate(part, pad_id)
+        with autocast(device, precision):
+            output, _ = model(ModelInputs.of_task(batch, task_id).to(device))[runtime.name]
+        output = output.float().cpu().numpy()
+        logits += [row[: len(feature)] if row.ndim == 2 else row for row, feature in zip(output, part)]
+    return float(task.score(examples, task.decode(examples, features, logits)).scores[task.main_metric()])
+
+
 def start_prefix(
-    model: MultiTaskModel, runtime, target_name: str, setting: str, base_prefixes: list[str],
-    scorer: Callable[[dict[str, torch.Tensor | None]], dict[str, float]],
+    model: MultiTaskModel, runtime, target_name: str, setting: str, base_prefixes: list[str], plan: TrialPlan,
+    scorer: Callable[[dict[str, torch.Tensor | None]], dict[str, CandidateScore]],
 ) -> TransferChoice:
     """Set the new prefix ``target_name`` as ``setting`` says (none, a base prefix name, or auto)."""
     if setting == FRESH:
@@ -195,12 +301,20 @@ def start_prefix(
     for name, why in skipped.items():
         log.info("transfer %s: candidate %s skipped: %s", runtime.name, name, why)
     scores = scorer({FRESH: None, **fitted})
-    chosen = min(scores, key=scores.get)  # ties: the first, a fresh start
+    chosen = best_candidate(scores, plan.criterion)
     if chosen != FRESH:
         model.prefix_bank.encoders[target_name].set_initial(fitted[chosen].to(_device_of(model, target_name)))
-    log.info("transfer %s: auto chose %s (held-back training loss %.4f; candidates: %s)", runtime.name, chosen,
-             scores[chosen], ", ".join(f"{n} {s:.4f}" for n, s in scores.items()))
-    return TransferChoice(setting, chosen, scores, skipped)
+    metric = runtime.task.main_metric()
+    log.info("transfer %s: auto chose %s (held-back %s; candidates: %s)", runtime.name, chosen,
+             _words(scores[chosen], metric), "; ".join(f"{n} {_words(s, metric)}" for n, s in scores.items()))
+    trial = {"steps": plan.steps, "folds": fold_count(len(runtime.examples["train"]), plan.folds),
+             "criterion": plan.criterion, "metric": metric}
+    return TransferChoice(setting, chosen, scores, skipped, trial)
+
+
+def best_candidate(scores: dict[str, CandidateScore], criterion: str) -> str:
+    """The best-scored candidate; on a tie the first (a fresh start, which comes first)."""
+    return max(scores, key=lambda name: scores[name].rank(criterion))
 
 
 def _device_of(model: MultiTaskModel, name: str) -> torch.device:

@@ -198,7 +198,7 @@ class Trainer:
                                                          sequences, new_prefixes)
             if self.base is not None:
                 self.transfers = start_new_prefixes(self.model, self.base, experiment, self.tasks, self.tunings,
-                                                    self.device, self.precision, self.pad_id)
+                                                    self.tokenizer, self.device, self.precision, self.pad_id)
         if self.model.prompt_bank is not None and saved is None:
             sequences = init_sequences(self.tasks)
             self.prefix_similarity = initialize_prompts(self.model.prompt_bank, self.model.encoder, self.tokenizer,
