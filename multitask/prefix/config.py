@@ -143,7 +143,7 @@ class PrefixBankConfig:
                   "task."},
     )
     transfer_steps: int = field(
-        default=20, metadata={"help": "transfer: auto: optimiser steps each candidate trains before it is scored."}
+        default=60, metadata={"help": "transfer: auto: optimiser steps each candidate trains before it is scored."}
     )
     transfer_folds: int | None = field(
         default=None,
