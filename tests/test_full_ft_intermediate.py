@@ -18,29 +18,9 @@ from multitask.experiment import ExperimentConfig
 from multitask.reporting.comparison import render_comparison_markdown
 from multitask.training.trainer import Trainer
 from tests.fixtures import write_project
+from tests.test_grow import write_grow_config  # an experiment that grows a base (cls and ner) by qa
 
 STAGE1 = "full_ft_intermediate/stage1"
-
-
-def write_grow_config(project: Path, base: Path, transfer: str, name: str = "grown") -> Path:
-    """An experiment that grows ``base`` (cls and ner) by qa."""
-    path = project / "configs" / f"{name}.yaml"
-    path.write_text(f"""
-name: {name}
-base: {base}
-encoder: {{name: {project / 'encoder'}}}
-tasks:
-  - {{file: ../tasks/qa.yaml, batch_size: 4}}
-prefix: {{transfer: {transfer}, prefix: {{length: 4}}}}
-optimization: {{max_steps: 4, prefix_lr: 0.01, head_lr: 0.01, warmup_ratio: 0.0}}
-evaluation: {{every_steps: 2, batch_size: 8}}
-data_root: {project / "data"}
-cache_dir: {project / "cache"}
-seed: 5
-precision: fp32
-device: cpu
-""".lstrip())
-    return path
 
 
 @pytest.fixture(scope="module")
