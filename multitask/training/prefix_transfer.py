@@ -156,11 +156,14 @@ def score_candidates(
     folds = held_out_folds(len(runtime.examples["train"]), plan.folds, seed)
     task_id = model.task_id(runtime.name)
     rows_of = _rows_by_example(runtime.features["train"])
+    # The held-back examples made into inputs as for evaluation once per fold, not once per candidate and fold.
+    held_inputs = [_evaluation_inputs(runtime, fold.held, tokenizer) for fold in folds] \
+        if plan.criterion == "metric" else [None] * len(folds)
     scores = {}
     try:
         for name, kv in starts.items():
             per_fold = []
-            for fold in folds:
+            for fold, inputs in zip(folds, held_inputs):
                 _load(prefix, head, saved)
                 if kv is not None:
                     prefix.set_initial(kv.to(device))
@@ -173,8 +176,8 @@ def score_candidates(
                      pad_id, seed)
                 held_rows = [row for example in fold.held for row in rows_of.get(example, [])]
                 loss = _held_loss(model, runtime, held_rows, task_id, device, precision, pad_id)
-                metric = _held_metric(model, runtime, fold.held, task_id, tokenizer, device, precision, pad_id) \
-                    if plan.criterion == "metric" else None
+                metric = _held_metric(model, runtime, *inputs, task_id, device, precision, pad_id) \
+                    if inputs is not None else None
                 per_fold.append((metric, loss))
             scores[name] = CandidateScore(
                 metric=None if plan.criterion != "metric" else sum(m for m, _ in per_fold) / len(per_fold),
@@ -258,13 +261,17 @@ def _held_loss(model, runtime, rows, task_id, device, precision, pad_id) -> floa
     return total / terms
 
 
+def _evaluation_inputs(runtime, held: list[int], tokenizer) -> tuple[list, list]:
+    """Held-back training examples and their inputs as evaluation makes them (whole examples, every window)."""
+    examples = [runtime.examples["train"][i] for i in held]
+    return examples, featurize_examples(runtime.task, examples, tokenizer, training=False)
+
+
 @torch.no_grad()
-def _held_metric(model, runtime, held: list[int], task_id, tokenizer, device, precision, pad_id) -> float:
-    """The task's main metric on the held-back training examples, made into inputs as for evaluation."""
+def _held_metric(model, runtime, examples: list, features: list, task_id, device, precision, pad_id) -> float:
+    """The task's main metric on held-back training examples (``features``: theirs, made as for evaluation)."""
     model.eval()
     task = runtime.task
-    examples = [runtime.examples["train"][i] for i in held]
-    features = featurize_examples(task, examples, tokenizer, training=False)
     logits = []
     for start in range(0, len(features), runtime.batch_size):
         part = features[start : start + runtime.batch_size]
