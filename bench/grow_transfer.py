@@ -115,10 +115,12 @@ def main() -> None:
                     chosen = next(iter(transfer_meta.values()), {}).get("source")
                     rows.append({"target": target, "size": size, "method": label, "seed": seed, "best": score,
                                  "best_step": step, "wall_time_s": report["meta"]["wall_time_s"],
+                                 "preparation_time_s": report["meta"].get("preparation_time_s"),
                                  "train_time_s": report["meta"]["train_time_s"], "source": chosen})
                     print(f"{target} {size} {label} seed {seed}: best validation {score:.2f} at step {step}"
                           f"{f' (auto chose {chosen})' if label == 'auto' else ''}; "
-                          f"{report['meta']['wall_time_s']:.0f} s", flush=True)
+                          f"{report['meta']['wall_time_s']:.0f} s training and evaluation, "
+                          f"{report['meta'].get('preparation_time_s') or 0:.0f} s preparation", flush=True)
     (output / "grow_transfer.json").write_text(json.dumps(rows, indent=2))
     lines = ["| target | examples | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
     for target in args.targets.split(","):

@@ -184,15 +184,17 @@ def test_adapting_cuts_repeats_and_maps_layers_by_index():
 
 def test_auto_scores_on_training_examples_it_holds_back_in_disjoint_folds():
     (one,) = held_out_folds(50, folds=1, seed=3)
-    assert len(one.held) == 10 and not set(one.fit) & set(one.held) and sorted(one.fit + one.held) == list(range(50))
-    assert held_out_folds(50, folds=1, seed=3) == [one]
+    assert len(one.held) == 25 and not set(one.fit) & set(one.held) and sorted(one.fit + one.held) == list(range(50))
+    assert held_out_folds(50, folds=1, seed=3) == [one]  # at most half held back: a trial still trains on half
     five = held_out_folds(50, folds=5, seed=3)
-    assert five[0] == one and sorted(e for fold in five for e in fold.held) == list(range(50))  # each held once
+    assert sorted(e for fold in five for e in fold.held) == list(range(50))  # each example held back once
     for fold in five:
         assert len(fold.held) == 10 and sorted(fold.fit + fold.held) == list(range(50))
-    assert len(held_out_folds(50, folds=9, seed=3)) == 5  # no more folds than disjoint slices
-    assert fold_count(100, None) == 5 and fold_count(300, None) == 2 and fold_count(500, None) == 1  # 100 scored
-    assert fold_count(10, None) == 5 and fold_count(5000, None) == 1
+    assert len(held_out_folds(10, folds=20, seed=3)) == 10  # no more folds than disjoint slices
+    # By default 100 examples are scored in all: two folds (cross-validation) below 500 examples, one from there.
+    assert [fold_count(n, None) for n in (10, 100, 300, 499, 500, 5000)] == [2, 2, 2, 2, 1, 1]
+    assert [len(fold.held) for fold in held_out_folds(100, None, seed=3)] == [50, 50]
+    assert [len(fold.held) for fold in held_out_folds(300, None, seed=3)] == [60, 60]  # 20% when that is more
     assert len(held_out_folds(5000, folds=2, seed=3)[0].held) == 256  # at most HELD_MAX per fold
     with pytest.raises(ConfigError, match="at least 2 training examples"):
         held_out_folds(1, folds=1, seed=3)

@@ -147,10 +147,11 @@ class PrefixBankConfig:
     )
     transfer_folds: int | None = field(
         default=None,
-        metadata={"help": "transfer: auto: how many disjoint held-back slices of the training examples (20% each, at "
-                  "most 256) score each candidate; its score is the mean over them. Each costs transfer_steps "
-                  "steps per candidate. Unset: as many as it takes to score on 100 examples in all (5 folds for "
-                  "100 examples, 1 from 500): with little data one slice is too noisy a judge."},
+        metadata={"help": "transfer: auto: how many disjoint held-back slices of the training examples score each "
+                  "candidate; its score is the mean over them. Each slice is 20% of the examples or enough for the "
+                  "slices to hold back 100 in all, at most half of them and 256; each costs transfer_steps steps "
+                  "per candidate. Unset: 2 folds below 500 examples (two of 50 for 100 examples: one slice of 20 "
+                  "is too noisy a judge), 1 from 500."},
     )
     transfer_criterion: str = field(
         default="metric",

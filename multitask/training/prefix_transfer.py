@@ -29,11 +29,12 @@ from multitask.tasks.base import featurize_examples
 
 log = logging.getLogger(__name__)
 FRESH, MIXTURE = "none", "mixture"
-# The held-back share of the training examples that scores the candidates of `auto`, per fold (at most HELD_MAX).
+# Candidates are scored on at least HELD_ENOUGH held-back training examples in all where the data allow: one slice of
+# HELD_SHARE of the examples (at most HELD_MAX) from 500 examples on; below that, MAX_FOLDS disjoint slices as
+# in cross-validation, each big enough to share the HELD_ENOUGH (at most half the examples, so each trial still trains
+# on half). Two folds of 50 score a 100-example task as well as five of 20, at 40% of the trial steps.
 HELD_SHARE, HELD_MAX = 0.2, 256
-# Unless transfer_folds says otherwise, candidates are scored on at least HELD_ENOUGH held-back examples in all,
-# through as many disjoint folds as that takes (5 at most: each fold holds back HELD_SHARE of the examples).
-HELD_ENOUGH, MAX_FOLDS = 100, 5
+HELD_ENOUGH, MAX_FOLDS = 100, 2
 
 
 @dataclass(frozen=True)
@@ -117,29 +118,32 @@ class HeldOutFold:
 
 
 def held_out_folds(size: int, folds: int | None, seed: int) -> list[HeldOutFold]:
-    """Disjoint held-back slices of ``size`` training examples (:func:`fold_count` of them), each HELD_SHARE of the
-    examples (at most HELD_MAX, at least one), with the rest to train on. Folds split examples, not model inputs,
-    so no window of a held-back example (QA) is trained on."""
-    held = _held_size(size)
+    """Disjoint held-back slices of ``size`` training examples (:func:`fold_count` of them, each
+    :func:`held_size` examples), with the rest to train on. Folds split examples, not model inputs, so no window
+    of a held-back example (QA) is trained on."""
+    count = fold_count(size, folds)
+    held = held_size(size, count)
     order = list(range(size))
     random.Random(seed).shuffle(order)
-    slices = [order[k * held : (k + 1) * held] for k in range(fold_count(size, folds))]
+    slices = [order[k * held : (k + 1) * held] for k in range(count)]
     return [HeldOutFold(fit=sorted(set(order) - set(part)), held=sorted(part)) for part in slices]
 
 
 def fold_count(size: int, folds: int | None) -> int:
-    """How many folds score the candidates: ``folds`` (None: as many as it takes to hold back HELD_ENOUGH examples
-    in all, at most MAX_FOLDS), never more than fit disjointly."""
-    held = _held_size(size)
-    wanted = min(MAX_FOLDS, math.ceil(HELD_ENOUGH / held)) if folds is None else folds
-    return min(wanted, size // held)
-
-
-def _held_size(size: int) -> int:
+    """How many folds score the candidates: ``folds`` (None: 1 where HELD_SHARE of the examples reaches
+    HELD_ENOUGH, else MAX_FOLDS), never more than fit disjointly."""
     if size < 2:
         raise ConfigError("prefix.transfer: auto needs at least 2 training examples (some to train each candidate "
                           "on, some to score it on)")
-    return max(1, min(HELD_MAX, int(size * HELD_SHARE)))
+    wanted = folds if folds is not None else (1 if size * HELD_SHARE >= HELD_ENOUGH else MAX_FOLDS)
+    return min(wanted, size // held_size(size, wanted))
+
+
+def held_size(size: int, folds: int) -> int:
+    """Examples held back per fold: HELD_SHARE of them, or more so that ``folds`` slices hold back HELD_ENOUGH in
+    all; at most HELD_MAX, a ``folds``-th and half of the examples, at least one."""
+    wanted = max(int(size * HELD_SHARE), math.ceil(HELD_ENOUGH / folds))
+    return max(1, min(HELD_MAX, size // max(folds, 2), wanted))
 
 
 def score_candidates(
