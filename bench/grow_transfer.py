@@ -122,19 +122,40 @@ def main() -> None:
                           f"{report['meta']['wall_time_s']:.0f} s training and evaluation, "
                           f"{report['meta'].get('preparation_time_s') or 0:.0f} s preparation", flush=True)
     (output / "grow_transfer.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| target | examples | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
-    for target in args.targets.split(","):
-        for size in map(int, args.sizes.split(",")):
-            cells = []
-            for label in methods:
-                scores = [r["best"] for r in rows if (r["target"], r["size"], r["method"]) == (target, size, label)]
-                cells.append(summarise(scores))
-            lines.append(f"| {target} | {size} | " + " | ".join(cells) + " |")
-    choices = [f"{r['target']} {r['size']} seed {r['seed']}: {r['source']}" for r in rows if r["method"] == "auto"]
-    text = "\n".join(lines) + "\n\nauto chose: " + "; ".join(choices) + "\n"
+    text = tables(rows, list(methods))
     (output / "grow_transfer.md").write_text(text)
     print(text)
 
+
+def tables(rows: list[dict], methods: list[str]) -> str:
+    """Best validation score per cell (mean ± spread over seeds), each method's gain over the fresh prefix (paired by
+    seed), seconds per run (preparation, which holds auto's trials, plus training and evaluation), auto's choices."""
+    cells = sorted({(r["target"], r["size"]) for r in rows}, key=lambda cell: (cell[0], cell[1]))
+
+    def runs(target, size, label):
+        return {r["seed"]: r for r in rows if (r["target"], r["size"], r["method"]) == (target, size, label)}
+
+    score_lines = ["| target | examples | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
+    gain_lines = ["| target | examples | " + " | ".join(f"{m} − scratch" for m in methods if m != "scratch") + " |",
+                  "|---|---:|" + "---:|" * (len(methods) - 1)]
+    time_lines = ["| target | examples | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
+    for target, size in cells:
+        scratch = runs(target, size, "scratch")
+        scores, gains, seconds = [], [], []
+        for label in methods:
+            found = runs(target, size, label)
+            scores.append(summarise([r["best"] for r in found.values()]))
+            seconds.append(summarise([(r["preparation_time_s"] or 0) + r["wall_time_s"] for r in found.values()]))
+            if label != "scratch":
+                gains.append(summarise([r["best"] - scratch[seed]["best"] for seed, r in found.items()
+                                        if seed in scratch]))
+        score_lines.append(f"| {target} | {size} | " + " | ".join(scores) + " |")
+        gain_lines.append(f"| {target} | {size} | " + " | ".join(gains) + " |")
+        time_lines.append(f"| {target} | {size} | " + " | ".join(seconds) + " |")
+    choices = [f"{r['target']} {r['size']} seed {r['seed']}: {r['source']}" for r in rows if r["method"] == "auto"]
+    return ("Best validation score\n\n" + "\n".join(score_lines) + "\n\nGain over the fresh prefix (paired by seed)\n\n"
+            + "\n".join(gain_lines) + "\n\nSeconds per run (preparation + training and evaluation)\n\n"
+            + "\n".join(time_lines) + "\n\nauto chose: " + "; ".join(choices) + "\n")
 
 if __name__ == "__main__":
     main()
