@@ -153,8 +153,10 @@ def tables(rows: list[dict], methods: list[str]) -> str:
         gain_lines.append(f"| {target} | {size} | " + " | ".join(gains) + " |")
         time_lines.append(f"| {target} | {size} | " + " | ".join(seconds) + " |")
     choices = [f"{r['target']} {r['size']} seed {r['seed']}: {r['source']}" for r in rows if r["method"] == "auto"]
-    return ("Best validation score\n\n" + "\n".join(score_lines) + "\n\nGain over the fresh prefix (paired by seed)\n\n"
-            + "\n".join(gain_lines) + "\n\nSeconds per run (preparation + training and evaluation)\n\n"
+    gain_text = "\n\nGain over the fresh prefix (paired by seed)\n\n" + "\n".join(gain_lines) \
+        if "scratch" in methods and len(methods) > 1 else ""
+    return ("Best validation score\n\n" + "\n".join(score_lines) + gain_text
+            + "\n\nSeconds per run (preparation + training and evaluation)\n\n"
             + "\n".join(time_lines) + "\n\nauto chose: " + "; ".join(choices) + "\n")
 
 if __name__ == "__main__":
