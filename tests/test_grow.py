@@ -18,6 +18,7 @@ from multitask.model import ModelInputs
 from multitask.prefix.adapt import adapt_key_values
 from multitask.run import load_run
 from multitask.tasks.base import featurize_examples
+from multitask.training import prefix_transfer
 from multitask.training.prefix_transfer import CandidateScore, best_candidate, fold_count, held_out_folds
 from multitask.training.state import trainable_state
 from multitask.training.trainer import Trainer
@@ -218,6 +219,18 @@ def test_auto_in_folds_by_loss_records_its_trial_and_the_lowest_loss_wins(projec
     held = choice["held_back"]
     assert set(held) == {"none", "task_cls", "task_ner"} and all(set(s) == {"loss"} for s in held.values())
     assert choice["source"] == min(held, key=lambda name: held[name]["loss"])
+
+
+def test_auto_keeping_the_fresh_start_trains_exactly_as_transfer_none(project, bases, monkeypatch):
+    """The trials draw random numbers (batches, dropout); the run after them must not see that they did."""
+    monkeypatch.setattr(prefix_transfer, "best_candidate", lambda scores, criterion: "none")
+    states = {}
+    for transfer in ("none", "auto"):
+        config = write_grow_config(project, bases["per_task"], name=f"keep-{transfer}", transfer=transfer)
+        trainer = train(config, project / "runs" / f"keep-{transfer}")
+        states[transfer] = trainable_state(trainer.model)
+    assert states["none"].keys() == states["auto"].keys()
+    assert all(torch.equal(states["none"][key], states["auto"][key]) for key in states["none"])
 
 
 def test_refusals_are_one_line(project, bases, capsys):

@@ -154,7 +154,15 @@ def score_candidates(
     """Each start's held-back scores after ``plan.steps`` AdamW steps on the new prefix and head, in every fold.
 
     Every candidate starts from the same head and the same random stream, so only its prefix differs; afterwards the
-    prefix and head are back as they were."""
+    prefix, head and torch's random stream are back as they were, so a run whose auto keeps the fresh start trains
+    exactly as with ``transfer: none``."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _score_candidates(model, runtime, target_name, starts, learning_rates, plan, tokenizer, device,
+                                 precision, pad_id, seed)
+
+
+def _score_candidates(model, runtime, target_name, starts, learning_rates, plan, tokenizer, device, precision, pad_id,
+                      seed) -> dict[str, CandidateScore]:
     prefix, head = model.prefix_bank.encoders[target_name], model.heads[runtime.name]
     saved = {key: value.clone() for key, value in {**_prefixed(prefix, "p"), **_prefixed(head, "h")}.items()}
     folds = held_out_folds(len(runtime.examples["train"]), plan.folds, seed)
