@@ -197,6 +197,11 @@ def test_auto_scores_on_training_examples_it_holds_back_in_disjoint_folds():
     assert [len(fold.held) for fold in held_out_folds(100, None, seed=3)] == [50, 50]
     assert [len(fold.held) for fold in held_out_folds(300, None, seed=3)] == [60, 60]  # 20% when that is more
     assert len(held_out_folds(5000, folds=2, seed=3)[0].held) == 256  # at most HELD_MAX per fold
+    # Held back in runs of 10 consecutive examples (a document's sentences stay on one side), the runs shuffled.
+    for fold in held_out_folds(100, None, seed=3):
+        assert {e // 10 for e in fold.held}.isdisjoint({e // 10 for e in fold.fit})
+    assert {tuple(f.held) for f in held_out_folds(100, None, seed=3)} != {tuple(range(50)), tuple(range(50, 100))}
+    assert held_out_folds(100, None, seed=3) != held_out_folds(100, None, seed=4)
     with pytest.raises(ConfigError, match="at least 2 training examples"):
         held_out_folds(1, folds=1, seed=3)
 
