@@ -32,7 +32,7 @@ FRESH, MIXTURE = "none", "mixture"
 # Candidates are scored on at least HELD_ENOUGH held-back training examples in all where the data allow: one slice of
 # HELD_SHARE of the examples (at most HELD_MAX) from 500 examples on; below that, MAX_FOLDS disjoint slices as
 # in cross-validation, each big enough to share the HELD_ENOUGH (at most half the examples, so each trial still trains
-# on half). Two folds of 50 score a 100-example task as well as five of 20, at 40% of the trial steps.
+# on half). Two folds of 50 score every one of 100 examples once, as five of 20 do, at 40% of the trial steps.
 HELD_SHARE, HELD_MAX = 0.2, 256
 HELD_ENOUGH, MAX_FOLDS = 100, 2
 # Examples are held back in runs of this many consecutive ones, so a document rarely straddles fit and held-back.
