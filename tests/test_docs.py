@@ -32,6 +32,7 @@ import io
 import itertools
 import re
 import shlex
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,8 +259,23 @@ def block_file(block: Block, tmp_path: Path) -> Path:
 
 
 def is_repo_file(path: str) -> bool:
+    """A file of the repository: not outside it, and not an ignored output (runs/) that only this checkout has."""
     resolved = (REPO / path).resolve()
-    return resolved.is_relative_to(REPO) and resolved.is_file()
+    if not (resolved.is_relative_to(REPO) and resolved.is_file()):
+        return False
+    relative = resolved.relative_to(REPO).as_posix()
+    return not any(relative == ignored or relative.startswith(ignored) for ignored in ignored_paths())
+
+
+@functools.cache
+def ignored_paths() -> tuple[str, ...]:
+    """What git ignores here (folders end in '/'); nothing where this is not a git checkout."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "--others", "--ignored", "--exclude-standard", "--directory"],
+                                cwd=REPO, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ()
+    return tuple(line for line in listed.splitlines() if line)
 
 
 def load_named(config: str, overrides: list[str], where: str, tmp_path: Path) -> None:
