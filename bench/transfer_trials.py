@@ -52,6 +52,13 @@ def grown_trainer(args, target: str, seed: int, work: Path):
     return Trainer(load_config(ExperimentConfig, path), work / f"{target}-{seed}", config_path=path, progress=False)
 
 
+def cell(score: dict) -> str:
+    """A candidate's held-back metric with how often it matched the best in the paired resamples, or its loss."""
+    if "metric" not in score:
+        return f"{score['loss']:.3f}"
+    return f"{score['metric']:.3f} [{score['matches_best']:.2f}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="the trained run to grow (configs/demo.yaml's run)")
@@ -89,12 +96,13 @@ def main() -> None:
                 rows.append({"target": target, "seed": seed, "plan": plan_text, "chosen": chosen,
                              "seconds": round(seconds, 1), "skipped": skipped,
                              "scores": {n: s.describe() for n, s in scores.items()}})
-                cells = ", ".join(f"{n} {s.metric if s.metric is not None else s.loss:.3f}" for n, s in scores.items())
+                cells = ", ".join(f"{n} {cell(s.describe())}" for n, s in scores.items())
                 print(f"{target} seed {seed} plan {plan_text}: chose {chosen} ({cells}); {seconds:.0f} s", flush=True)
     (output / "transfer_trials.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| target | seed | plan | chosen | candidates (metric, or loss) | seconds |", "|---|---:|---|---|---|---:|"]
+    lines = ["| target | seed | plan | chosen | candidates: metric [share of resamples at least the best's], or loss "
+             "| seconds |", "|---|---:|---|---|---|---:|"]
     for row in rows:
-        cells = ", ".join(f"{n} {s.get('metric', s['loss']):.3f}" for n, s in row["scores"].items())
+        cells = ", ".join(f"{n} {cell(s)}" for n, s in row["scores"].items())
         lines.append(f"| {row['target']} | {row['seed']} | {row['plan']} | {row['chosen']} | {cells} | "
                      f"{row['seconds']} |")
     (output / "transfer_trials.md").write_text("\n".join(lines) + "\n")

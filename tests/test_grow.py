@@ -125,10 +125,14 @@ def test_the_grown_run_records_its_base_and_the_transfer_choice(bases, grown):
     choice = report["meta"]["transfer"]["qa"]
     assert choice["setting"] == "auto"
     trial = dict(choice["trial"])
+    rivals = trial.pop("within_noise")
     assert 1 <= trial.pop("folds") <= 5 and trial == {"steps": 3, "criterion": "metric", "metric": "f1"}
     held = choice["held_back"]
     assert set(held) == {"none", "task_cls", "task_ner"}
     assert choice["source"] == max(held, key=lambda name: (held[name]["metric"], -held[name]["loss"]))
+    # The pick matches itself in every paired resample; its rivals are the others that often matched it.
+    assert held[choice["source"]]["matches_best"] == 1.0 and held["none"]["beats_fresh"] == 0.0
+    assert rivals == [n for n in held if n != choice["source"] and held[n]["matches_best"] >= prefix_transfer.COIN_TOSS]
     assert set(report["tasks"]) == {"qa"}  # only the new task was trained and evaluated here
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -26,6 +26,7 @@ from multitask.prefix.adapt import adapt_key_values
 from multitask.prefix.encoder import PrefixEncoder
 from multitask.prefix.mixture import input_summary
 from multitask.tasks.base import featurize_examples
+from multitask.training.trial_noise import HeldBackPredictions, resampled_metrics, share_above, share_at_least
 
 log = logging.getLogger(__name__)
 FRESH, MIXTURE = "none", "mixture"
@@ -37,6 +38,8 @@ HELD_SHARE, HELD_MAX = 0.2, 256
 HELD_ENOUGH, MAX_FOLDS = 100, 2
 # Examples are held back in runs of this many consecutive ones, so a document rarely straddles fit and held-back.
 HELD_BLOCK = 10
+# A candidate that scores at least the pick's metric in this share of the paired resamples makes the pick a coin toss.
+COIN_TOSS = 0.2
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,13 @@ class TrialPlan:
 @dataclass(frozen=True)
 class CandidateScore:
     """One candidate's held-back scores, averaged over the folds: the task's main metric (None when the criterion
-    is loss) and the loss."""
+    is loss) and the loss; with the metric, the shares of paired resamples of the held-back examples in which the
+    candidate scored at least the best candidate's metric and above a fresh start's (:mod:`trial_noise`)."""
 
     metric: float | None
     loss: float
+    matches_best: float | None = None
+    beats_fresh: float | None = None
 
     def rank(self, criterion: str) -> tuple[float, ...]:
         """Larger is better."""
@@ -66,7 +72,9 @@ class CandidateScore:
 
     def describe(self) -> dict[str, float]:
         loss = round(self.loss, 6) if math.isfinite(self.loss) else None  # no held-back loss terms
-        return {"loss": loss, **({"metric": round(self.metric, 6)} if self.metric is not None else {})}
+        described = {"loss": loss, **({"metric": round(self.metric, 6)} if self.metric is not None else {})}
+        shares = {"matches_best": self.matches_best, "beats_fresh": self.beats_fresh}
+        return described | {key: round(value, 3) for key, value in shares.items() if value is not None}
 
 
 @dataclass
@@ -183,6 +191,7 @@ def _score_candidates(model, runtime, target_name, starts, learning_rates, plan,
     held_inputs = [_evaluation_inputs(runtime, fold.held, tokenizer) for fold in folds] \
         if plan.criterion == "metric" else [None] * len(folds)
     scores = {}
+    predictions: dict[str, list[list]] = {}  # each candidate's held-back predictions, per fold
     try:
         for name, kv in starts.items():
             per_fold = []
@@ -199,8 +208,10 @@ def _score_candidates(model, runtime, target_name, starts, learning_rates, plan,
                      pad_id, seed)
                 held_rows = [row for example in fold.held for row in rows_of.get(example, [])]
                 loss = _held_loss(model, runtime, held_rows, task_id, device, precision, pad_id)
-                metric = _held_metric(model, runtime, *inputs, task_id, device, precision, pad_id) \
-                    if inputs is not None else None
+                metric = None
+                if inputs is not None:
+                    metric, predicted = _held_metric(model, runtime, *inputs, task_id, device, precision, pad_id)
+                    predictions.setdefault(name, []).append(predicted)
                 per_fold.append((metric, loss))
             scores[name] = CandidateScore(
                 metric=None if plan.criterion != "metric" else sum(m for m, _ in per_fold) / len(per_fold),
@@ -210,7 +221,23 @@ def _score_candidates(model, runtime, target_name, starts, learning_rates, plan,
                      "" if len(folds) == 1 else "s")
     finally:
         _load(prefix, head, saved)
-    return scores
+    if plan.criterion != "metric":
+        return scores
+    held = [HeldBackPredictions(inputs[0], {name: predictions[name][k] for name in scores})
+            for k, inputs in enumerate(held_inputs)]
+    return with_noise(scores, held, runtime.task, seed)
+
+
+def with_noise(scores: dict[str, CandidateScore], held: list[HeldBackPredictions], task, seed: int
+               ) -> dict[str, CandidateScore]:
+    """``scores`` with each candidate's shares of paired resamples at least the best's and above a fresh start's."""
+    main = task.main_metric()
+    samples = resampled_metrics(held, lambda examples, predicted: task.score(examples, predicted).scores[main],
+                                seed=seed)
+    best = best_candidate(scores, "metric")
+    return {name: replace(score, matches_best=share_at_least(samples[name], samples[best]),
+                          beats_fresh=share_above(samples[name], samples[FRESH]) if FRESH in samples else None)
+            for name, score in scores.items()}
 
 
 def _words(score: CandidateScore, metric: str) -> str:
@@ -291,8 +318,10 @@ def _evaluation_inputs(runtime, held: list[int], tokenizer) -> tuple[list, list]
 
 
 @torch.no_grad()
-def _held_metric(model, runtime, examples: list, features: list, task_id, device, precision, pad_id) -> float:
-    """The task's main metric on held-back training examples (``features``: theirs, made as for evaluation)."""
+def _held_metric(model, runtime, examples: list, features: list, task_id, device, precision, pad_id
+                 ) -> tuple[float, list]:
+    """The task's main metric on held-back training examples (``features``: theirs, made as for evaluation), and
+    the predictions it scored."""
     model.eval()
     task = runtime.task
     logits = []
@@ -303,7 +332,8 @@ def _held_metric(model, runtime, examples: list, features: list, task_id, device
             output, _ = model(ModelInputs.of_task(batch, task_id).to(device))[runtime.name]
         output = output.float().cpu().numpy()
         logits += [row[: len(feature)] if row.ndim == 2 else row for row, feature in zip(output, part)]
-    return float(task.score(examples, task.decode(examples, features, logits)).scores[task.main_metric()])
+    predicted = task.decode(examples, features, logits)
+    return float(task.score(examples, predicted).scores[task.main_metric()]), predicted
 
 
 def start_prefix(
@@ -337,9 +367,23 @@ def start_prefix(
     metric = runtime.task.main_metric()
     log.info("transfer %s: auto chose %s (held-back %s; candidates: %s)", runtime.name, chosen,
              _words(scores[chosen], metric), "; ".join(f"{n} {_words(s, metric)}" for n, s in scores.items()))
+    rivals = close_rivals(scores, chosen)
+    if rivals:
+        log.warning("transfer %s: auto's pick %s is within noise: %s scored at least its held-back %s in %s of "
+                    "resamples of the held-back examples; if you know the related base task, name its prefix "
+                    "(prefix.transfer)", runtime.name, chosen, ", ".join(rivals), metric,
+                    ", ".join(f"{scores[n].matches_best:.0%}" for n in rivals))
     trial = {"steps": plan.steps, "folds": fold_count(len(runtime.examples["train"]), plan.folds),
              "criterion": plan.criterion, "metric": metric}
+    if plan.criterion == "metric":
+        trial["within_noise"] = rivals
     return TransferChoice(setting, chosen, scores, skipped, trial)
+
+
+def close_rivals(scores: dict[str, CandidateScore], chosen: str) -> list[str]:
+    """The other candidates that scored at least the pick's metric in COIN_TOSS or more of the paired resamples."""
+    return [name for name, score in scores.items()
+            if name != chosen and score.matches_best is not None and score.matches_best >= COIN_TOSS]
 
 
 def best_candidate(scores: dict[str, CandidateScore], criterion: str) -> str:
