@@ -5,7 +5,7 @@ Every method trains the new task alone for the same number of steps (a LoRA or f
 than a prefix step, so equal steps give them more time than the prefix: the comparison leans their way) and keeps its
 best validation evaluation (each trained to its plateau). `auto`'s choice, made on held-back training data, is
 timed in the run's wall time. With --sweep every single base prefix is also tried as the source, to show what `auto`
-should find.
+should find (the source auto picked is not trained twice: auto's run is that run).
 
     python bench/grow_transfer.py --base runs/demo --targets wnut17,bc5cdr,trec_coarse --sizes 100 --seeds 13
 
@@ -64,6 +64,16 @@ def train(config: dict, run_dir: Path) -> dict:
     return json.loads((run_dir / "report.json").read_text())
 
 
+def auto_run_that_picked(cell: Path, seed: int, source: str) -> Path | None:
+    """auto's finished run at this target, size and seed if it picked ``source``: the run that names ``source``
+    trains exactly as it does (tests/test_grow.py), so a sweep reuses it instead of training it again."""
+    report = cell / "auto" / str(seed) / "report.json"
+    if not report.exists():
+        return None
+    chosen = next(iter(json.loads(report.read_text())["meta"].get("transfer", {}).values()), {}).get("source")
+    return report.parent if chosen == source else None
+
+
 def best_validation(report: dict) -> tuple[float, int]:
     """The best validation score along the run (its plateau) and the step it was reached at."""
     (task,) = report["tasks"].values()
@@ -109,14 +119,21 @@ def main() -> None:
             for label, (method, transfer) in methods.items():
                 for seed in map(int, args.seeds.split(",")):
                     run_dir = output / target / str(size) / label.replace(" ", "_") / str(seed)
-                    report = train(experiment(args, target, size, seed, method, transfer), run_dir)
+                    picked = auto_run_that_picked(output / target / str(size), seed, transfer) \
+                        if label.startswith("from ") else None
+                    report = json.loads((picked / "report.json").read_text()) if picked else \
+                        train(experiment(args, target, size, seed, method, transfer), run_dir)
+                    if picked:  # its preparation was auto's trials, which a named source does not run
+                        report["meta"]["preparation_time_s"] = None
                     score, step = best_validation(report)
                     transfer_meta = report["meta"].get("transfer", {})
-                    chosen = next(iter(transfer_meta.values()), {}).get("source")
+                    choice = next(iter(transfer_meta.values()), {})
+                    chosen = choice.get("source")
                     rows.append({"target": target, "size": size, "method": label, "seed": seed, "best": score,
                                  "best_step": step, "wall_time_s": report["meta"]["wall_time_s"],
                                  "preparation_time_s": report["meta"].get("preparation_time_s"),
-                                 "train_time_s": report["meta"]["train_time_s"], "source": chosen})
+                                 "train_time_s": report["meta"]["train_time_s"], "source": chosen,
+                                 "within_noise": choice.get("trial", {}).get("within_noise")})
                     print(f"{target} {size} {label} seed {seed}: best validation {score:.2f} at step {step}"
                           f"{f' (auto chose {chosen})' if label == 'auto' else ''}; "
                           f"{report['meta']['wall_time_s']:.0f} s training and evaluation, "
@@ -157,7 +174,29 @@ def tables(rows: list[dict], methods: list[str]) -> str:
         if "scratch" in methods and len(methods) > 1 else ""
     return ("Best validation score\n\n" + "\n".join(score_lines) + gain_text
             + "\n\nSeconds per run (preparation + training and evaluation)\n\n"
-            + "\n".join(time_lines) + "\n\nauto chose: " + "; ".join(choices) + "\n")
+            + "\n".join(time_lines) + "\n\nauto chose: " + "; ".join(choices) + "\n" + sweep_table(rows, methods))
+
+
+def sweep_table(rows: list[dict], methods: list[str]) -> str:
+    """Per target, size and seed: every single start's best score, the sweep's best start, auto's pick and the
+    candidates its trials could not tell from the pick (within noise); empty without --sweep."""
+    starts = ["scratch"] + [m for m in methods if m.startswith("from ")]
+    if len(starts) == 1 or "auto" not in methods:
+        return ""
+    by_key = {(r["target"], r["size"], r["seed"], r["method"]): r for r in rows}
+    lines = ["| target | examples | seed | " + " | ".join(starts) + " | sweep's best | auto's pick | auto − best "
+             "| within noise of the pick |", "|---|---:|---:|" + "---:|" * len(starts) + "---|---|---:|---|"]
+    for target, size, seed in sorted({(r["target"], r["size"], r["seed"]) for r in rows}):
+        found = {m: by_key[(target, size, seed, m)]["best"] for m in starts if (target, size, seed, m) in by_key}
+        auto = by_key.get((target, size, seed, "auto"))
+        if not found or auto is None:
+            continue
+        best = max(found, key=found.get)
+        lines.append(f"| {target} | {size} | {seed} | " + " | ".join(
+            f"{found[m]:.1f}" if m in found else "–" for m in starts)
+            + f" | {best} | {auto['source']} ({auto['best']:.1f}) | {auto['best'] - found[best]:+.1f} | "
+            + f"{', '.join(auto['within_noise'] or []) or 'none'} |")
+    return "\n\nEvery single start against auto's pick\n\n" + "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,35 @@
+"""bench/grow_transfer.py's bookkeeping: the sweep reuses auto's run for its pick, and its table names the best start."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("grow_transfer", REPO / "bench" / "grow_transfer.py")
+grow_transfer = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(grow_transfer)
+
+
+def row(method: str, seed: int, best: float, source: str | None = None, within_noise=None) -> dict:
+    return {"target": "trec_coarse", "size": 100, "method": method, "seed": seed, "best": best, "source": source,
+            "within_noise": within_noise, "wall_time_s": 1.0, "preparation_time_s": None, "best_step": 1}
+
+
+def test_the_sweep_reuses_auto_s_run_only_for_the_source_it_picked(tmp_path):
+    run = tmp_path / "auto" / "13"
+    run.mkdir(parents=True)
+    (run / "report.json").write_text(json.dumps({"meta": {"transfer": {"t": {"source": "task_sst2"}}}}))
+    assert grow_transfer.auto_run_that_picked(tmp_path, 13, "task_sst2") == run
+    assert grow_transfer.auto_run_that_picked(tmp_path, 13, "task_squad") is None
+    assert grow_transfer.auto_run_that_picked(tmp_path, 21, "task_sst2") is None
+
+
+def test_the_sweep_table_names_the_best_start_and_auto_s_gap_to_it():
+    rows = [row("scratch", 13, 65.6), row("auto", 13, 65.6, "none", ["task_sst2"]),
+            row("from task_sst2", 13, 70.0), row("from task_squad", 13, 60.8)]
+    methods = ["scratch", "auto", "from task_sst2", "from task_squad"]
+    line = grow_transfer.sweep_table(rows, methods).strip().splitlines()[-1]
+    assert line == "| trec_coarse | 100 | 13 | 65.6 | 70.0 | 60.8 | from task_sst2 | none (65.6) | -4.4 | task_sst2 |"
+    assert grow_transfer.sweep_table(rows, ["scratch", "auto"]) == ""
