@@ -230,16 +230,19 @@ def test_auto_in_folds_by_loss_records_its_trial_and_the_lowest_loss_wins(projec
     assert choice["source"] == min(held, key=lambda name: held[name]["loss"])
 
 
-def test_auto_keeping_the_fresh_start_trains_exactly_as_transfer_none(project, bases, monkeypatch):
-    """The trials draw random numbers (batches, dropout); the run after them must not see that they did."""
-    monkeypatch.setattr(prefix_transfer, "best_candidate", lambda scores, criterion: "none")
+@pytest.mark.parametrize("pick", ["none", "task_cls"])
+def test_auto_picking_a_start_trains_exactly_as_naming_it(project, bases, monkeypatch, pick):
+    """The trials draw random numbers (batches, dropout); the run after them must not see that they did. So a run
+    whose auto keeps the fresh start is the transfer none run, and one whose auto picks a source is the run that names
+    it (bench/grow_transfer.py --sweep reuses auto's run for its pick)."""
+    monkeypatch.setattr(prefix_transfer, "best_candidate", lambda scores, criterion: pick)
     states = {}
-    for transfer in ("none", "auto"):
-        config = write_grow_config(project, bases["per_task"], name=f"keep-{transfer}", transfer=transfer)
-        trainer = train(config, project / "runs" / f"keep-{transfer}")
+    for transfer in (pick, "auto"):
+        config = write_grow_config(project, bases["per_task"], name=f"pick-{pick}-{transfer}", transfer=transfer)
+        trainer = train(config, project / "runs" / f"pick-{pick}-{transfer}")
         states[transfer] = trainable_state(trainer.model)
-    assert states["none"].keys() == states["auto"].keys()
-    assert all(torch.equal(states["none"][key], states["auto"][key]) for key in states["none"])
+    assert states[pick].keys() == states["auto"].keys()
+    assert all(torch.equal(states[pick][key], states["auto"][key]) for key in states[pick])
 
 
 def test_refusals_are_one_line(project, bases, capsys):
