@@ -264,7 +264,8 @@ def is_repo_file(path: str) -> bool:
     if not (resolved.is_relative_to(REPO) and resolved.is_file()):
         return False
     relative = resolved.relative_to(REPO).as_posix()
-    return not any(relative == ignored or relative.startswith(ignored) for ignored in ignored_paths())
+    return not any(relative.startswith(ignored) if ignored.endswith("/") else relative == ignored
+                   for ignored in ignored_paths())
 
 
 @functools.cache
