@@ -5,6 +5,8 @@ and one-line refusals."""
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,9 @@ from multitask.prefix.adapt import adapt_key_values
 from multitask.run import load_run
 from multitask.tasks.base import featurize_examples
 from multitask.training import prefix_transfer
-from multitask.training.prefix_transfer import CandidateScore, best_candidate, fold_count, held_out_folds
+from multitask.training.grow import load_base
+from multitask.training.prefix_transfer import (CandidateScore, TrialPlan, best_candidate, choose, fold_count,
+                                                 held_out_folds)
 from multitask.training.state import trainable_state
 from multitask.training.trainer import Trainer
 from tests.fixtures import write_project
@@ -126,7 +130,8 @@ def test_the_grown_run_records_its_base_and_the_transfer_choice(bases, grown):
     assert choice["setting"] == "auto"
     trial = dict(choice["trial"])
     rivals = trial.pop("within_noise")
-    assert 1 <= trial.pop("folds") <= 5 and trial == {"steps": 3, "criterion": "metric", "metric": "f1"}
+    assert 1 <= trial.pop("folds") <= 5 and trial.pop("trials_best") == choice["source"]
+    assert trial == {"steps": 3, "criterion": "metric", "metric": "f1", "prior": "same_type", "same_type": []}
     held = choice["held_back"]
     assert set(held) == {"none", "task_cls", "task_ner"}
     assert choice["source"] == max(held, key=lambda name: (held[name]["metric"], -held[name]["loss"]))
@@ -228,6 +233,60 @@ def test_auto_in_folds_by_loss_records_its_trial_and_the_lowest_loss_wins(projec
     held = choice["held_back"]
     assert set(held) == {"none", "task_cls", "task_ner"} and all(set(s) == {"loss"} for s in held.values())
     assert choice["source"] == min(held, key=lambda name: held[name]["loss"])
+
+
+def test_the_same_type_prior_takes_a_source_of_the_new_tasks_type_only_where_the_trials_allow_it():
+    def score(metric, matches_best=0.0, beats_fresh=0.0):
+        return CandidateScore(metric, 1.0, matches_best, beats_fresh)
+
+    plan, alone = TrialPlan(60), TrialPlan(60, prior="none")
+    fresh = score(0.40, beats_fresh=0.0)
+    within_noise = {"none": fresh, "task_qa": score(0.50, 1.0, 1.0), "task_ner": score(0.47, 0.41, 0.95)}
+    assert choose(within_noise, plan, ["task_ner"]) == "task_ner"
+    assert choose(within_noise, alone, ["task_ner"]) == "task_qa"
+    clearly_helps = {**within_noise, "task_ner": score(0.45, 0.07, 0.99)}  # the trials say worse, but it helps
+    assert choose(clearly_helps, plan, ["task_ner"]) == "task_ner"
+    neither = {**within_noise, "task_ner": score(0.45, 0.19, 0.79)}
+    assert choose(neither, plan, ["task_ner"]) == "task_qa"
+    # Fresh start best, a same-type source within noise of it (TREC seed 13 in docs/growing.md).
+    assert choose({"none": score(0.43, 1.0), "task_sst2": score(0.40, 0.25, 0.2)}, plan, ["task_sst2"]) == "task_sst2"
+    # Of two credible same-type sources, the better-scored; the trials' best stands when it is of the type already.
+    two = {**within_noise, "task_ner2": score(0.48, 0.3, 0.9)}
+    assert choose(two, plan, ["task_ner", "task_ner2"]) == "task_ner2"
+    assert choose(two, plan, ["task_qa", "task_ner"]) == "task_qa"
+    assert choose(within_noise, plan, []) == "task_qa"
+    by_loss = {"none": CandidateScore(None, 1.0), "task_ner": CandidateScore(None, 2.0)}
+    assert choose(by_loss, TrialPlan(60, criterion="loss"), ["task_ner"]) == "none"  # no resamples, no prior
+
+
+def test_a_base_prefix_is_of_a_type_when_it_serves_only_tasks_of_that_type(project, bases):
+    def of_type(mode, task_type):
+        config = write_grow_config(project, bases[mode], name=f"types-{mode}")
+        experiment = load_config(ExperimentConfig, config)
+        return load_base(experiment, config).prefixes_of_type(task_type)
+
+    assert of_type("per_task", "classification") == ["task_cls"] and of_type("per_task", "ner") == ["task_ner"]
+    assert of_type("per_task", "qa") == []
+    assert of_type("hybrid", "ner") == ["task_ner"]  # the shared prefix serves both types
+    assert of_type("shared", "ner") == [] and of_type("groups", "ner") == []
+
+
+def test_auto_takes_the_same_type_source_where_the_trials_cannot_tell_it_is_worse(project, bases, monkeypatch,
+                                                                                  caplog):
+    """The wiring: grow passes the base prefixes of the new task's type, and the report says what the prior did."""
+    monkeypatch.setattr(prefix_transfer, "best_candidate", lambda scores, criterion: "none")
+    monkeypatch.setattr(prefix_transfer, "with_noise", lambda scores, held, task, seed: {
+        name: replace(score, matches_best=0.5 if name == "task_cls" else 0.0, beats_fresh=0.0)
+        for name, score in scores.items()})
+    config = write_grow_config(project, bases["per_task"], name="prior", tasks="cls")
+    with caplog.at_level(logging.INFO, logger="multitask.training.prefix_transfer"):
+        trainer = Trainer(load_config(ExperimentConfig, config, ["tasks.0.overrides.name=cls_p"]),
+                          project / "runs" / "prior", config_path=config, progress=False)
+    choice = trainer.transfers["cls_p"]
+    assert choice["source"] == "task_cls"
+    assert {key: choice["trial"][key] for key in ("prior", "same_type", "trials_best", "within_noise")} == {
+        "prior": "same_type", "same_type": ["task_cls"], "trials_best": "none", "within_noise": ["task_cls"]}
+    assert "auto took task_cls, a prefix of the base's classification tasks, over the trials' best none" in caplog.text
 
 
 @pytest.mark.parametrize("pick", ["none", "task_cls"])

@@ -159,6 +159,15 @@ class PrefixBankConfig:
                   "main metric (accuracy, entity F1, ...), ties broken by loss; loss: the training loss alone "
                   "(cheaper: no decoding)."},
     )
+    transfer_prior: str = field(
+        default="same_type",
+        metadata={"help": "transfer: auto with transfer_criterion metric: what the trials are weighed against. "
+                  "same_type: a base prefix that serves only tasks of the new task's type (CoNLL-2003's for a new "
+                  "ner task) is taken over the trials' best when the trials cannot tell it is worse (it matched the "
+                  "best in 20% or more of the paired resamples) or it clearly beats a fresh start (in 80% or more): "
+                  "short trials tell a helpful start from a harmful one well, but rank helpful sources poorly "
+                  "(docs/growing.md). none: the trials' best alone."},
+    )
 
     def __post_init__(self) -> None:
         if self.shared_layers is not None:
@@ -171,10 +180,14 @@ class PrefixBankConfig:
         if self.transfer_criterion not in TRANSFER_CRITERIA:
             raise ValueError(f"transfer_criterion: expected one of {', '.join(TRANSFER_CRITERIA)}, got "
                              f"{self.transfer_criterion!r}")
+        if self.transfer_prior not in TRANSFER_PRIORS:
+            raise ValueError(f"transfer_prior: expected one of {', '.join(TRANSFER_PRIORS)}, got "
+                             f"{self.transfer_prior!r}")
 
 
 TRANSFER_CHOICES = ("none", "auto", "mixture")
 TRANSFER_CRITERIA = ("metric", "loss")
+TRANSFER_PRIORS = ("same_type", "none")
 
 
 def check_transfer(value: str) -> None:

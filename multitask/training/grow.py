@@ -60,6 +60,16 @@ class BaseRun:
         bank = self.loaded.model.prefix_bank
         return [name for name, encoder in bank.encoders.items() if encoder.length] if bank is not None else []
 
+    def prefixes_of_type(self, task_type: str) -> list[str]:
+        """The base prefixes that serve only tasks of ``task_type``: a task's own prefix, a group's whose tasks are
+        all of that type, the shared prefix only when every base task is."""
+        bank = self.loaded.model.prefix_bank
+        served: dict[str, set[str]] = {}
+        for task, prefixes in (bank.layout.task_prefixes.items() if bank is not None else ()):
+            for prefix in prefixes:
+                served.setdefault(prefix, set()).add(self.loaded.tasks[task].config.type)
+        return [name for name in self.prefix_names if served.get(name) == {task_type}]
+
     def identity(self) -> dict[str, Any]:
         """What a grown run records of its base: where it was, which checkpoint (by checksum), its tasks."""
         return {"path": str(self.run_dir), "checkpoint_sha256": self.meta.get("model_sha256"),
@@ -296,7 +306,8 @@ def start_new_prefixes(model: MultiTaskModel, base: BaseRun, experiment: Experim
     the same head). Returns how each started, by task."""
     choices = {}
     settings = experiment.prefix
-    plan = TrialPlan(settings.transfer_steps, settings.transfer_folds, settings.transfer_criterion)
+    plan = TrialPlan(settings.transfer_steps, settings.transfer_folds, settings.transfer_criterion,
+                     settings.transfer_prior)
     for runtime in tasks:
         setting = transfer_setting(experiment, runtime.task)
         tuning = tunings[runtime.name]
@@ -306,7 +317,8 @@ def start_new_prefixes(model: MultiTaskModel, base: BaseRun, experiment: Experim
                                     (tuning.prefix_lr, tuning.head_lr), plan, tokenizer, device, precision, pad_id,
                                     experiment.seed)
 
-        choice = start_prefix(model, runtime, new_prefix_name(runtime.name), setting, base.prefix_names, plan, scorer)
+        choice = start_prefix(model, runtime, new_prefix_name(runtime.name), setting, base.prefix_names, plan, scorer,
+                              base.prefixes_of_type(runtime.task.config.type))
         choices[runtime.name] = {**choice.describe(), "head_from": start_head_from_base(model, base, runtime.task)}
     return choices
 

@@ -1,12 +1,13 @@
 """Start a new task's prefix from a trained model's prefixes (``prefix.transfer``), and choose one by measurement.
 
-Which source prefix helps a new task is not predictable from names or task types (DESIGN.md §6: a sentiment
-prefix started a question-type classifier 21 points higher). ``auto`` therefore measures: each candidate (every
+Which source prefix helps a new task is not predictable from names (DESIGN.md §6: a sentiment prefix started a
+question-type classifier 21 points higher). ``auto`` therefore measures: each candidate (every
 base prefix, and a fresh start) trains the new prefix and head for a few steps on most of the task's training examples,
 and is scored on the rest of them: by the task's main metric (ties broken by loss), or by loss alone. With little data
 one held-back slice is a noisy judge, so ``transfer_folds`` scores each candidate on several disjoint slices and
 averages. The validation split plays no part, so it stays a fair estimate of the finished run. SPoT (Vu et al.,
-2022) chose source prompts the same way, by their transfer.
+2022) chose source prompts the same way, by their transfer. A short trial ranks helpful sources poorly, though, so
+by default a base prefix of the new task's own type wins where the trials cannot tell it apart (:func:`choose`).
 """
 
 from __future__ import annotations
@@ -40,17 +41,21 @@ HELD_ENOUGH, MAX_FOLDS = 100, 2
 HELD_BLOCK = 10
 # A candidate that scores at least the pick's metric in this share of the paired resamples makes the pick a coin toss.
 COIN_TOSS = 0.2
+# A candidate above a fresh start's metric in this share of the paired resamples clearly helps (prior: same_type).
+CLEARLY = 1 - COIN_TOSS
 
 
 @dataclass(frozen=True)
 class TrialPlan:
     """How ``auto`` scores each candidate: ``steps`` optimiser steps on the fitting share of the training data, in
     each of ``folds`` disjoint held-back slices, then the held-back main metric (``criterion: metric``, ties broken by
-    loss) or loss (``criterion: loss``), averaged over the folds."""
+    loss) or loss (``criterion: loss``), averaged over the folds; ``prior: same_type`` weighs the trials against the
+    new task's type (:func:`choose`)."""
 
     steps: int
     folds: int | None = None  # None: enough folds to score on HELD_ENOUGH examples
     criterion: str = "metric"
+    prior: str = "same_type"
 
 
 @dataclass(frozen=True)
@@ -338,9 +343,10 @@ def _held_metric(model, runtime, examples: list, features: list, task_id, device
 
 def start_prefix(
     model: MultiTaskModel, runtime, target_name: str, setting: str, base_prefixes: list[str], plan: TrialPlan,
-    scorer: Callable[[dict[str, torch.Tensor | None]], dict[str, CandidateScore]],
+    scorer: Callable[[dict[str, torch.Tensor | None]], dict[str, CandidateScore]], same_type: list[str] = (),
 ) -> TransferChoice:
-    """Set the new prefix ``target_name`` as ``setting`` says (none, a base prefix name, or auto)."""
+    """Set the new prefix ``target_name`` as ``setting`` says (none, a base prefix name, or auto); ``same_type``: the
+    base prefixes that serve only tasks of the new task's type."""
     if setting == FRESH:
         return TransferChoice(setting, FRESH)
     if setting == MIXTURE:  # the sources were fitted into the mixture when the model was built
@@ -361,14 +367,20 @@ def start_prefix(
     for name, why in skipped.items():
         log.info("transfer %s: candidate %s skipped: %s", runtime.name, name, why)
     scores = scorer({FRESH: None, **fitted})
-    chosen = best_candidate(scores, plan.criterion)
+    best = best_candidate(scores, plan.criterion)
+    chosen = choose(scores, plan, [name for name in same_type if name in fitted])
     if chosen != FRESH:
         model.prefix_bank.encoders[target_name].set_initial(fitted[chosen].to(_device_of(model, target_name)))
     metric = runtime.task.main_metric()
     log.info("transfer %s: auto chose %s (held-back %s; candidates: %s)", runtime.name, chosen,
              _words(scores[chosen], metric), "; ".join(f"{n} {_words(s, metric)}" for n, s in scores.items()))
-    rivals = close_rivals(scores, chosen)
-    if rivals:
+    rivals = close_rivals(scores, best)
+    if chosen != best:
+        log.info("transfer %s: auto took %s, a prefix of the base's %s tasks, over the trials' best %s: it scored at "
+                 "least %s's held-back %s in %.0f%% of resamples and above a fresh start's in %.0f%% "
+                 "(prefix.transfer_prior)", runtime.name, chosen, runtime.task.config.type, best, best, metric,
+                 100 * scores[chosen].matches_best, 100 * scores[chosen].beats_fresh)
+    elif rivals:
         log.warning("transfer %s: auto's pick %s is within noise: %s scored at least its held-back %s in %s of "
                     "resamples of the held-back examples; if you know the related base task, name its prefix "
                     "(prefix.transfer)", runtime.name, chosen, ", ".join(rivals), metric,
@@ -376,14 +388,34 @@ def start_prefix(
     trial = {"steps": plan.steps, "folds": fold_count(len(runtime.examples["train"]), plan.folds),
              "criterion": plan.criterion, "metric": metric}
     if plan.criterion == "metric":
-        trial["within_noise"] = rivals
+        trial.update(within_noise=rivals, prior=plan.prior, same_type=list(same_type), trials_best=best)
     return TransferChoice(setting, chosen, scores, skipped, trial)
 
 
-def close_rivals(scores: dict[str, CandidateScore], chosen: str) -> list[str]:
-    """The other candidates that scored at least the pick's metric in COIN_TOSS or more of the paired resamples."""
+def choose(scores: dict[str, CandidateScore], plan: TrialPlan, same_type: list[str]) -> str:
+    """The trials' best candidate; with ``prior: same_type``, the best-ranked prefix of the new task's type instead
+    where the trials cannot tell it is worse than their best (it matched it in COIN_TOSS of the resamples or more) or
+    it clearly beats a fresh start (in CLEARLY of them or more). A 60-step trial tells a helpful start from a harmful
+    one, but ranks helpful sources poorly: the source of the new task's type finished best at every target-seed of
+    docs/growing.md's sweep, while the trials ranked it first at 6 of 9."""
+    best = best_candidate(scores, plan.criterion)
+    if plan.prior != "same_type" or best in same_type:
+        return best
+    credible = [name for name in same_type if name in scores and _credible(scores[name])]
+    return max(credible, key=lambda name: scores[name].rank(plan.criterion)) if credible else best
+
+
+def _credible(score: CandidateScore) -> bool:
+    """The trials cannot tell the candidate is worse than their best, or it clearly beats a fresh start."""
+    return score.matches_best is not None and (
+        score.matches_best >= COIN_TOSS or (score.beats_fresh is not None and score.beats_fresh >= CLEARLY))
+
+
+def close_rivals(scores: dict[str, CandidateScore], best: str) -> list[str]:
+    """The other candidates that scored at least the trials' best metric in COIN_TOSS or more of the paired
+    resamples."""
     return [name for name, score in scores.items()
-            if name != chosen and score.matches_best is not None and score.matches_best >= COIN_TOSS]
+            if name != best and score.matches_best is not None and score.matches_best >= COIN_TOSS]
 
 
 def best_candidate(scores: dict[str, CandidateScore], criterion: str) -> str:
