@@ -133,7 +133,8 @@ def main() -> None:
                                  "best_step": step, "wall_time_s": report["meta"]["wall_time_s"],
                                  "preparation_time_s": report["meta"].get("preparation_time_s"),
                                  "train_time_s": report["meta"]["train_time_s"], "source": chosen,
-                                 "within_noise": choice.get("trial", {}).get("within_noise")})
+                                 "within_noise": choice.get("trial", {}).get("within_noise"),
+                                 "trials_best": choice.get("trial", {}).get("trials_best", chosen)})
                     print(f"{target} {size} {label} seed {seed}: best validation {score:.2f} at step {step}"
                           f"{f' (auto chose {chosen})' if label == 'auto' else ''}; "
                           f"{report['meta']['wall_time_s']:.0f} s training and evaluation, "
@@ -178,14 +179,16 @@ def tables(rows: list[dict], methods: list[str]) -> str:
 
 
 def sweep_table(rows: list[dict], methods: list[str]) -> str:
-    """Per target, size and seed: every single start's best score, the sweep's best start, auto's pick and the
-    candidates its trials could not tell from the pick (within noise); empty without --sweep."""
+    """Per target, size and seed: every single start's best score, the sweep's best start, auto's pick, the trials'
+    best (auto's pick unless prefix.transfer_prior overrode it) and the candidates the trials could not tell from
+    their best (within noise); empty without --sweep."""
     starts = ["scratch"] + [m for m in methods if m.startswith("from ")]
     if len(starts) == 1 or "auto" not in methods:
         return ""
     by_key = {(r["target"], r["size"], r["seed"], r["method"]): r for r in rows}
     lines = ["| target | examples | seed | " + " | ".join(starts) + " | sweep's best | auto's pick | auto − best "
-             "| within noise of the pick |", "|---|---:|---:|" + "---:|" * len(starts) + "---|---|---:|---|"]
+             "| trials' best | within noise of it |",
+             "|---|---:|---:|" + "---:|" * len(starts) + "---|---|---:|---|---|"]
     for target, size, seed in sorted({(r["target"], r["size"], r["seed"]) for r in rows}):
         found = {m: by_key[(target, size, seed, m)]["best"] for m in starts if (target, size, seed, m) in by_key}
         auto = by_key.get((target, size, seed, "auto"))
@@ -195,7 +198,7 @@ def sweep_table(rows: list[dict], methods: list[str]) -> str:
         lines.append(f"| {target} | {size} | {seed} | " + " | ".join(
             f"{found[m]:.1f}" if m in found else "–" for m in starts)
             + f" | {best} | {auto['source']} ({auto['best']:.1f}) | {auto['best'] - found[best]:+.1f} | "
-            + f"{', '.join(auto['within_noise'] or []) or 'none'} |")
+            + f"{auto.get('trials_best') or auto['source']} | {', '.join(auto['within_noise'] or []) or 'none'} |")
     return "\n\nEvery single start against auto's pick\n\n" + "\n".join(lines) + "\n"
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ grow_transfer = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(grow_transfer)
 
 
-def row(method: str, seed: int, best: float, source: str | None = None, within_noise=None) -> dict:
+def row(method: str, seed: int, best: float, source: str | None = None, within_noise=None,
+        trials_best=None) -> dict:
     return {"target": "trec_coarse", "size": 100, "method": method, "seed": seed, "best": best, "source": source,
-            "within_noise": within_noise, "wall_time_s": 1.0, "preparation_time_s": None, "best_step": 1}
+            "within_noise": within_noise, "trials_best": trials_best or source, "wall_time_s": 1.0,
+            "preparation_time_s": None, "best_step": 1}
 
 
 def test_the_sweep_reuses_auto_s_run_only_for_the_source_it_picked(tmp_path):
@@ -31,5 +33,9 @@ def test_the_sweep_table_names_the_best_start_and_auto_s_gap_to_it():
             row("from task_sst2", 13, 70.0), row("from task_squad", 13, 60.8)]
     methods = ["scratch", "auto", "from task_sst2", "from task_squad"]
     line = grow_transfer.sweep_table(rows, methods).strip().splitlines()[-1]
-    assert line == "| trec_coarse | 100 | 13 | 65.6 | 70.0 | 60.8 | from task_sst2 | none (65.6) | -4.4 | task_sst2 |"
+    assert line == ("| trec_coarse | 100 | 13 | 65.6 | 70.0 | 60.8 | from task_sst2 | none (65.6) | -4.4 | none | "
+                    "task_sst2 |")
+    prior = [*rows[:1], row("auto", 13, 70.0, "task_sst2", ["task_sst2"], trials_best="none"), *rows[2:]]
+    line = grow_transfer.sweep_table(prior, methods).strip().splitlines()[-1]
+    assert line.endswith("| from task_sst2 | task_sst2 (70.0) | +0.0 | none | task_sst2 |")
     assert grow_transfer.sweep_table(rows, ["scratch", "auto"]) == ""
