@@ -16,7 +16,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -343,7 +343,7 @@ def _held_metric(model, runtime, examples: list, features: list, task_id, device
 
 def start_prefix(
     model: MultiTaskModel, runtime, target_name: str, setting: str, base_prefixes: list[str], plan: TrialPlan,
-    scorer: Callable[[dict[str, torch.Tensor | None]], dict[str, CandidateScore]], same_type: list[str] = (),
+    scorer: Callable[[dict[str, torch.Tensor | None]], dict[str, CandidateScore]], same_type: Sequence[str] = (),
 ) -> TransferChoice:
     """Set the new prefix ``target_name`` as ``setting`` says (none, a base prefix name, or auto); ``same_type``: the
     base prefixes that serve only tasks of the new task's type."""
@@ -392,7 +392,7 @@ def start_prefix(
     return TransferChoice(setting, chosen, scores, skipped, trial)
 
 
-def choose(scores: dict[str, CandidateScore], plan: TrialPlan, same_type: list[str]) -> str:
+def choose(scores: dict[str, CandidateScore], plan: TrialPlan, same_type: Sequence[str]) -> str:
     """The trials' best candidate; with ``prior: same_type``, the best-ranked prefix of the new task's type instead
     where the trials cannot tell it is worse than their best (it matched it in COIN_TOSS of the resamples or more) or
     it clearly beats a fresh start (in CLEARLY of them or more). A 60-step trial tells a helpful start from a harmful
