@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -128,6 +129,20 @@ def test_the_grown_run_records_its_base_and_the_transfer_choice(bases, grown):
     assert report["meta"]["base"] == meta["base"]
     choice = report["meta"]["transfer"]["qa"]
     assert choice["setting"] == "auto"
+    # By default auto scores by the evidence, without training, on all the training examples.
+    held = choice["held_back"]
+    assert set(held) == {"none", "task_cls", "task_ner"} and all(set(s) == {"evidence"} for s in held.values())
+    assert choice["source"] == max(held, key=lambda name: held[name]["evidence"])
+    assert choice["trial"] == {"criterion": "evidence", "metric": "f1", "examples": 6, "within_noise": [],
+                               "prior": "same_type", "same_type": [], "trials_best": choice["source"]}
+    assert set(report["tasks"]) == {"qa"}  # only the new task was trained and evaluated here
+
+
+def test_auto_by_trials_records_each_candidates_held_back_metric_and_its_noise(project, bases):
+    config = write_grow_config(project, bases["per_task"], name="by-metric")
+    trainer = Trainer(load_config(ExperimentConfig, config, ["prefix.transfer_criterion=metric"]),
+                      project / "runs" / "by-metric", config_path=config, progress=False)
+    choice = trainer.transfers["qa"]
     trial = dict(choice["trial"])
     rivals = trial.pop("within_noise")
     assert 1 <= trial.pop("folds") <= 5 and trial.pop("trials_best") == choice["source"]
@@ -138,7 +153,6 @@ def test_the_grown_run_records_its_base_and_the_transfer_choice(bases, grown):
     # The pick matches itself in every paired resample; its rivals are the others that often matched it.
     assert held[choice["source"]]["matches_best"] == 1.0 and held["none"]["beats_fresh"] == 0.0
     assert rivals == [n for n in held if n != choice["source"] and held[n]["matches_best"] >= prefix_transfer.COIN_TOSS]
-    assert set(report["tasks"]) == {"qa"}  # only the new task was trained and evaluated here
 
 
 def test_only_the_new_prefix_and_head_train(project, bases):
@@ -239,7 +253,7 @@ def test_the_same_type_prior_takes_a_source_of_the_new_tasks_type_only_where_the
     def score(metric, matches_best=0.0, beats_fresh=0.0):
         return CandidateScore(metric, 1.0, matches_best, beats_fresh)
 
-    plan, alone = TrialPlan(60), TrialPlan(60, prior="none")
+    plan, alone = TrialPlan(60, criterion="metric"), TrialPlan(60, criterion="metric", prior="none")
     fresh = score(0.40, beats_fresh=0.0)
     within_noise = {"none": fresh, "task_qa": score(0.50, 1.0, 1.0), "task_ner": score(0.47, 0.41, 0.95)}
     assert choose(within_noise, plan, ["task_ner"]) == "task_ner"
@@ -257,6 +271,21 @@ def test_the_same_type_prior_takes_a_source_of_the_new_tasks_type_only_where_the
     assert choose(within_noise, plan, []) == "task_qa"
     by_loss = {"none": CandidateScore(None, 1.0), "task_ner": CandidateScore(None, 2.0)}
     assert choose(by_loss, TrialPlan(60, criterion="loss"), ["task_ner"]) == "none"  # no resamples, no prior
+
+
+def test_by_the_evidence_a_same_type_source_wins_where_it_scores_above_a_fresh_start():
+    def evidence(**values):
+        return {name: CandidateScore(None, math.nan, evidence=value) for name, value in values.items()}
+
+    plan = TrialPlan(60, criterion="evidence")
+    # TREC fine at seed 13 (docs/growing.md): SQuAD's prefix scored best, SST-2's above a fresh start.
+    trec_fine = evidence(none=0.3961, task_sst2=0.4054, task_conll2003=0.3928, task_squad_v1_1=0.4084)
+    assert best_candidate(trec_fine, "evidence") == "task_squad_v1_1"
+    assert choose(trec_fine, plan, ["task_sst2"]) == "task_sst2"
+    assert choose(trec_fine, TrialPlan(60, criterion="evidence", prior="none"), ["task_sst2"]) == "task_squad_v1_1"
+    below_fresh = evidence(none=0.40, task_sst2=0.39, task_squad_v1_1=0.41)
+    assert choose(below_fresh, plan, ["task_sst2"]) == "task_squad_v1_1"
+    assert choose(evidence(none=0.41, task_sst2=0.40), plan, ["task_sst2"]) == "none"  # a fresh start can win
 
 
 def test_a_base_prefix_is_of_a_type_when_it_serves_only_tasks_of_that_type(project, bases):
@@ -280,13 +309,32 @@ def test_auto_takes_the_same_type_source_where_the_trials_cannot_tell_it_is_wors
         for name, score in scores.items()})
     config = write_grow_config(project, bases["per_task"], name="prior", tasks="cls")
     with caplog.at_level(logging.INFO, logger="multitask.training.prefix_transfer"):
-        trainer = Trainer(load_config(ExperimentConfig, config, ["tasks.0.overrides.name=cls_p"]),
+        trainer = Trainer(load_config(ExperimentConfig, config, ["tasks.0.overrides.name=cls_p",
+                                                                   "prefix.transfer_criterion=metric"]),
                           project / "runs" / "prior", config_path=config, progress=False)
     choice = trainer.transfers["cls_p"]
     assert choice["source"] == "task_cls"
     assert {key: choice["trial"][key] for key in ("prior", "same_type", "trials_best", "within_noise")} == {
         "prior": "same_type", "same_type": ["task_cls"], "trials_best": "none", "within_noise": ["task_cls"]}
-    assert "auto took task_cls, a prefix of the base's classification tasks, over the trials' best none" in caplog.text
+    assert ("auto took task_cls, a prefix of the base's classification tasks, over the best-scored none: it scored "
+            "at least none's held-back accuracy in 50% of resamples") in caplog.text
+
+
+@pytest.mark.parametrize("own_type_evidence, chosen", [(0.55, "task_cls"), (0.45, "task_ner")])
+def test_by_the_evidence_auto_takes_the_same_type_source_above_a_fresh_start(project, bases, monkeypatch, caplog,
+                                                                            own_type_evidence, chosen):
+    scored = {"none": 0.5, "task_cls": own_type_evidence, "task_ner": 0.6}
+    monkeypatch.setattr(prefix_transfer, "evidence_of", lambda model, runtime, target, starts, *rest: {
+        name: scored[name] for name in starts})
+    config = write_grow_config(project, bases["per_task"], name=f"evidence-prior-{chosen}", tasks="cls")
+    with caplog.at_level(logging.INFO, logger="multitask.training.prefix_transfer"):
+        trainer = Trainer(load_config(ExperimentConfig, config, ["tasks.0.overrides.name=cls_p"]),
+                          project / "runs" / f"evidence-prior-{chosen}", config_path=config, progress=False)
+    choice = trainer.transfers["cls_p"]
+    assert choice["source"] == chosen and choice["trial"]["trials_best"] == "task_ner"
+    assert {name: score["evidence"] for name, score in choice["held_back"].items()} == scored
+    took = "auto took task_cls, a prefix of the base's classification tasks, over the best-scored task_ner"
+    assert (took in caplog.text) == (chosen == "task_cls")
 
 
 @pytest.mark.parametrize("pick", ["none", "task_cls"])

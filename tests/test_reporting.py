@@ -221,7 +221,11 @@ FULL_META = {
                            "held_back": {"none": {"metric": 0.412, "loss": 0.48},
                                          "task_a": {"metric": 0.556, "loss": 0.2555}},
                            "skipped": {"task_b": "prefix 'task_b' lives in layers [3, 4, 5], so it cannot start a "
-                                                 "prefix in layers [0, 1, 2, 3, 4, 5]"}, "head_from": None}},
+                                                 "prefix in layers [0, 1, 2, 3, 4, 5]"}, "head_from": None},
+                 "wnut": {"setting": "auto", "source": "task_a", "head_from": None,
+                          "trial": {"criterion": "evidence", "metric": "f1", "examples": 100, "within_noise": [],
+                                    "prior": "same_type", "same_type": ["task_a"], "trials_best": "task_a"},
+                          "held_back": {"none": {"evidence": 1.370755}, "task_a": {"evidence": 1.401647}}}},
     "some_new_counter": {"nested": {"x": 1}, "listed": [1, 2]},
 }
 RAW_REPRS = ("{'", '{"', "['", '["', "[(", "':", '":', "}", "]", "e-0", "e-1", "None", "True", "False")
@@ -263,6 +267,9 @@ def test_header_states_times_cache_and_cosines_in_words() -> None:
     assert "none 0.412 (loss 0.480), task_a 0.556 (loss 0.256)" in text
     assert "auto trained each candidate 40 steps in each of 3 held-back fold(s) of the training data and chose by f1" \
         in text
+    assert "none evidence 1.3708, task_a evidence 1.4016" in text
+    assert "wnut: auto scored each candidate, untrained, by the evidence of a linear head on its features over 100 " \
+        "training examples" in text
     assert "lives in layers 3–5" in text and "layers 0–5" in text
     assert "nested (x 1), listed (1, 2)" in text  # an unknown key, still readable
 

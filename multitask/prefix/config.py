@@ -136,37 +136,41 @@ class PrefixBankConfig:
         metadata={"help": "With base (growing a model): how each new task's own prefix starts. none: as a new "
                   "prefix does (init); a prefix name of the base (task_conll2003, shared, group_x): its trained "
                   "keys/values, fitted to the new prefix's length and layers; auto: every base prefix and none are "
-                  "each trained for transfer_steps on most of the task's training data and scored on the rest of "
-                  "it (transfer_criterion, transfer_folds), and the best wins (never the validation split); "
+                  "each scored on the task's training data (transfer_criterion), and the best wins (never the "
+                  "validation split); "
                   "mixture: a fresh prefix plus a learned, input-dependent mix of every base prefix (frozen), as "
                   "ATTEMPT does, its mixing weights reported. A task file's prefix.transfer overrides it for that "
                   "task."},
     )
     transfer_steps: int = field(
-        default=60, metadata={"help": "transfer: auto: optimiser steps each candidate trains before it is scored."}
+        default=60, metadata={"help": "transfer: auto with transfer_criterion metric or loss: optimiser steps each "
+                              "candidate trains before it is scored."}
     )
     transfer_folds: int | None = field(
         default=None,
-        metadata={"help": "transfer: auto: how many disjoint held-back slices of the training examples score each "
+        metadata={"help": "transfer: auto with transfer_criterion metric or loss: how many disjoint held-back slices of the training examples score each "
                   "candidate; its score is the mean over them. Each slice is 20% of the examples or enough for the "
                   "slices to hold back 100 in all, at most half of them and 256; each costs transfer_steps steps "
                   "per candidate. Unset: 2 folds below 500 examples (two of 50 for 100 examples: one slice of 20 "
                   "is too noisy a judge), 1 from 500."},
     )
     transfer_criterion: str = field(
-        default="metric",
-        metadata={"help": "transfer: auto: what scores a candidate on the held-back examples. metric: the task's "
-                  "main metric (accuracy, entity F1, ...), ties broken by loss; loss: the training loss alone "
-                  "(cheaper: no decoding)."},
+        default="evidence",
+        metadata={"help": "transfer: auto: what scores a candidate, on the training examples only. evidence: no "
+                  "training; the log evidence (LogME) of a linear head from the features the candidate gives to "
+                  "the labels, one forward pass over the examples per candidate. metric: a trial of "
+                  "transfer_steps, then the task's main metric (accuracy, entity F1, ...) on held-back examples, "
+                  "ties broken by loss; loss: such a trial's held-back loss alone (no decoding)."},
     )
     transfer_prior: str = field(
         default="same_type",
-        metadata={"help": "transfer: auto with transfer_criterion metric: what the trials are weighed against. "
+        metadata={"help": "transfer: auto with transfer_criterion evidence or metric: what the scores are weighed "
+                  "against. "
                   "same_type: a base prefix that serves only tasks of the new task's type (CoNLL-2003's for a new "
-                  "ner task) is taken over the trials' best when the trials cannot tell it is worse (it matched the "
-                  "best in 20% or more of the paired resamples) or it clearly beats a fresh start (in 80% or more): "
-                  "short trials tell a helpful start from a harmful one well, but rank helpful sources poorly "
-                  "(docs/growing.md). none: the trials' best alone."},
+                  "ner task) is taken over the best-scored candidate when the score cannot tell it is worse (it "
+                  "matched the best in 20% or more of the paired resamples) or it clearly beats a fresh start (in "
+                  "80% or more): a helpful start is told from a harmful one well, close sources less so "
+                  "(docs/growing.md). none: the best-scored candidate alone."},
     )
 
     def __post_init__(self) -> None:
@@ -186,7 +190,7 @@ class PrefixBankConfig:
 
 
 TRANSFER_CHOICES = ("none", "auto", "mixture")
-TRANSFER_CRITERIA = ("metric", "loss")
+TRANSFER_CRITERIA = ("evidence", "metric", "loss")
 TRANSFER_PRIORS = ("same_type", "none")
 
 

@@ -403,14 +403,12 @@ def _transfer_table(transfer: Any) -> Table | None:
                       for source, reason in skipped.items()]
         trial = choice.get("trial")
         if isinstance(trial, dict) and trial:
-            notes.append(f"{task}: auto trained each candidate {trial.get('steps')} steps in each of "
-                         f"{trial.get('folds')} held-back fold(s) of the training data and chose by "
-                         f"{trial.get('metric') if trial.get('criterion') == 'metric' else 'loss'}")
+            notes.append(f"{task}: {_trial_text(trial)}")
         known = {"setting", "source", "head_from", "held_back_train_loss", "held_back", "trial", "mixing_weights",
                  "skipped"}
         notes += [f"{task}: {label_of(k).lower()} {readable(v, k)}" for k, v in choice.items() if k not in known]
     columns = ["Task", "Transfer setting", "Prefix started from", "Head started from"]
-    columns += ["Held-back scores (auto)"] * losses + ["Mean mixing weights"] * mixing
+    columns += ["Candidates' scores (auto)"] * losses + ["Mean mixing weights"] * mixing
     return Table("Prefix transfer", columns, rows, numeric_from=len(columns), notes=notes)
 
 
@@ -420,9 +418,20 @@ def _held_back(choice: dict) -> dict:
     return scores if isinstance(scores, dict) else {}
 
 
+def _trial_text(trial: dict) -> str:
+    if trial.get("criterion") == "evidence":
+        return (f"auto scored each candidate, untrained, by the evidence of a linear head on its features over "
+                f"{trial.get('examples')} training examples")
+    return (f"auto trained each candidate {trial.get('steps')} steps in each of {trial.get('folds')} held-back "
+            f"fold(s) of the training data and chose by "
+            f"{trial.get('metric') if trial.get('criterion') == 'metric' else 'loss'}")
+
+
 def _candidate_text(score: Any) -> str:
     if not isinstance(score, dict):
         return fixed(score, 3)
+    if score.get("evidence") is not None:
+        return f"evidence {fixed(score['evidence'], 4)}"
     loss = f"loss {fixed(score.get('loss'), 3)}"
     return f"{fixed(score['metric'], 3)} ({loss})" if score.get("metric") is not None else loss
 

@@ -175,6 +175,12 @@ class TaskType(ABC):
         a type whose loss averages over something else (tokens) overrides this."""
         return int(targets.shape[0])
 
+    def evidence_rows(self, inputs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One model input's head inputs and target as rows for ``prefix.transfer: auto``'s evidence
+        (:mod:`multitask.training.transfer_evidence`): one row per loss term, the targets as columns. Here: the
+        sequence head's one input vector and its class, one-hot."""
+        return inputs[None], torch.nn.functional.one_hot(target, self.num_outputs)[None].float()
+
     # ---- logits -> predictions -> metrics
     @abstractmethod
     def decode(self, examples: list[Any], features: list[Feature], logits: list[np.ndarray]) -> list[Any]:

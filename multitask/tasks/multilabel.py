@@ -96,6 +96,10 @@ class MultiLabelTask(TaskType):
             return None
         return torch.tensor([f.target for f in features], dtype=torch.float)
 
+    def evidence_rows(self, inputs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row; each label's 0/1 target is a column."""
+        return inputs[None], target[None].float()
+
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
 

@@ -284,6 +284,11 @@ class NerTask(TaskType):
         )
         return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
+    def evidence_rows(self, inputs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row per labelled position, its tag one-hot."""
+        labelled = target != IGNORE_INDEX
+        return inputs[labelled], torch.nn.functional.one_hot(target[labelled], self.num_outputs).float()
+
     def loss_terms(self, targets: torch.Tensor) -> int:
         """The loss averages over labelled positions, not sentences."""
         return int((targets != IGNORE_INDEX).sum())

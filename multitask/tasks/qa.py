@@ -241,6 +241,13 @@ class QATask(TaskType):
             return None
         return torch.tensor([[*f.target, len(f)] for f in features], dtype=torch.long)
 
+    def evidence_rows(self, inputs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row per position before the padding; two columns: whether the answer starts there, and ends there."""
+        start, end, length = (int(value) for value in target)
+        columns = torch.zeros(length, 2)
+        columns[start, 0] = columns[end, 1] = 1.0
+        return inputs[:length], columns
+
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean of start and end cross-entropy over the positions, padding excluded."""
         positions = torch.arange(logits.shape[1], device=logits.device)

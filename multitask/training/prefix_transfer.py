@@ -2,12 +2,14 @@
 
 Which source prefix helps a new task is not predictable from names (DESIGN.md §6: a sentiment prefix started a
 question-type classifier 21 points higher). ``auto`` therefore measures: each candidate (every
-base prefix, and a fresh start) trains the new prefix and head for a few steps on most of the task's training examples,
-and is scored on the rest of them: by the task's main metric (ties broken by loss), or by loss alone. With little data
-one held-back slice is a noisy judge, so ``transfer_folds`` scores each candidate on several disjoint slices and
-averages. The validation split plays no part, so it stays a fair estimate of the finished run. SPoT (Vu et al.,
-2022) chose source prompts the same way, by their transfer. A short trial ranks helpful sources poorly, though, so
-by default a base prefix of the new task's own type wins where the trials cannot tell it apart (:func:`choose`).
+base prefix, and a fresh start) is scored on the task's training examples only, so the validation split stays a fair
+estimate of the finished run. By default (``transfer_criterion: evidence``) without training: how well a linear head
+on the features the candidate gives could explain the labels (:mod:`transfer_evidence`, LogME). Or by a trial, as SPoT
+(Vu et al., 2022) chose source prompts: the new prefix and head train for a few steps on most of the examples and are
+scored on the rest, by the task's main metric (ties broken by loss) or by loss alone; with little data one held-back
+slice is a noisy judge, so ``transfer_folds`` scores on several disjoint slices and averages. Either score is
+bootstrapped, and by default a base prefix of the new task's own type wins where the score cannot tell it apart
+from the best (:func:`choose`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from multitask.prefix.adapt import adapt_key_values
 from multitask.prefix.encoder import PrefixEncoder
 from multitask.prefix.mixture import input_summary
 from multitask.tasks.base import featurize_examples
+from multitask.training.transfer_evidence import evidence_of
 from multitask.training.trial_noise import HeldBackPredictions, resampled_metrics, share_above, share_at_least
 
 log = logging.getLogger(__name__)
@@ -47,14 +50,15 @@ CLEARLY = 1 - COIN_TOSS
 
 @dataclass(frozen=True)
 class TrialPlan:
-    """How ``auto`` scores each candidate: ``steps`` optimiser steps on the fitting share of the training data, in
-    each of ``folds`` disjoint held-back slices, then the held-back main metric (``criterion: metric``, ties broken by
-    loss) or loss (``criterion: loss``), averaged over the folds; ``prior: same_type`` weighs the trials against the
-    new task's type (:func:`choose`)."""
+    """How ``auto`` scores each candidate. ``criterion: evidence``: no training, the evidence of a linear head on the
+    candidate's features (:mod:`transfer_evidence`). Otherwise a trial: ``steps`` optimiser steps on the fitting
+    share of the training data, in each of ``folds`` disjoint held-back slices, then the held-back main metric
+    (``criterion: metric``, ties broken by loss) or loss (``criterion: loss``), averaged over the folds.
+    ``prior: same_type`` weighs the scores against the new task's type (:func:`choose`)."""
 
     steps: int
     folds: int | None = None  # None: enough folds to score on HELD_ENOUGH examples
-    criterion: str = "metric"
+    criterion: str = "evidence"
     prior: str = "same_type"
 
 
@@ -68,9 +72,12 @@ class CandidateScore:
     loss: float
     matches_best: float | None = None
     beats_fresh: float | None = None
+    evidence: float | None = None  # criterion evidence: the linear head's log evidence (transfer_evidence)
 
     def rank(self, criterion: str) -> tuple[float, ...]:
         """Larger is better."""
+        if criterion == "evidence" and self.evidence is not None:
+            return (self.evidence,)
         if criterion == "metric" and self.metric is not None:
             return (self.metric, -self.loss)
         return (-self.loss,)
@@ -78,6 +85,8 @@ class CandidateScore:
     def describe(self) -> dict[str, float]:
         loss = round(self.loss, 6) if math.isfinite(self.loss) else None  # no held-back loss terms
         described = {"loss": loss, **({"metric": round(self.metric, 6)} if self.metric is not None else {})}
+        if self.evidence is not None:
+            described = {"evidence": round(self.evidence, 6)}
         shares = {"matches_best": self.matches_best, "beats_fresh": self.beats_fresh}
         return described | {key: round(value, 3) for key, value in shares.items() if value is not None}
 
@@ -221,7 +230,7 @@ def _score_candidates(model, runtime, target_name, starts, learning_rates, plan,
             scores[name] = CandidateScore(
                 metric=None if plan.criterion != "metric" else sum(m for m, _ in per_fold) / len(per_fold),
                 loss=sum(loss for _, loss in per_fold) / len(per_fold))
-            log.info("transfer %s: candidate %s: held-back %s after %d steps (%d fold%s)", runtime.name, name,
+            log.info("transfer %s: candidate %s: %s after %d steps (%d fold%s)", runtime.name, name,
                      _words(scores[name], runtime.task.main_metric()), plan.steps, len(folds),
                      "" if len(folds) == 1 else "s")
     finally:
@@ -245,9 +254,22 @@ def with_noise(scores: dict[str, CandidateScore], held: list[HeldBackPredictions
             for name, score in scores.items()}
 
 
+def score_by_evidence(model: MultiTaskModel, runtime, target_name: str, starts: dict[str, torch.Tensor | None],
+                      device: torch.device, precision: str, pad_id: int) -> dict[str, CandidateScore]:
+    """Each start's evidence on the training examples (no training: :mod:`transfer_evidence`)."""
+    evidence = evidence_of(model, runtime, target_name, starts, device, precision, pad_id)
+    scores = {name: CandidateScore(metric=None, loss=math.nan, evidence=value) for name, value in evidence.items()}
+    for name, score in scores.items():
+        log.info("transfer %s: candidate %s: %s", runtime.name, name, _words(score, runtime.task.main_metric()))
+    return scores
+
+
 def _words(score: CandidateScore, metric: str) -> str:
-    loss = f"loss {score.loss:.4f}"
-    return loss if score.metric is None else f"{metric} {score.metric:.4f}, {loss}"
+    if score.evidence is not None:
+        return f"evidence {score.evidence:.4f}"
+    if score.metric is None:
+        return f"held-back loss {score.loss:.4f}"
+    return f"held-back {metric} {score.metric:.4f}, loss {score.loss:.4f}"
 
 
 def _rows_by_example(features) -> dict[int, list[int]]:
@@ -372,43 +394,58 @@ def start_prefix(
     if chosen != FRESH:
         model.prefix_bank.encoders[target_name].set_initial(fitted[chosen].to(_device_of(model, target_name)))
     metric = runtime.task.main_metric()
-    log.info("transfer %s: auto chose %s (held-back %s; candidates: %s)", runtime.name, chosen,
+    judged = "evidence" if plan.criterion == "evidence" else f"held-back {metric}"
+    log.info("transfer %s: auto chose %s (%s; candidates: %s)", runtime.name, chosen,
              _words(scores[chosen], metric), "; ".join(f"{n} {_words(s, metric)}" for n, s in scores.items()))
     rivals = close_rivals(scores, best)
     if chosen != best:
-        log.info("transfer %s: auto took %s, a prefix of the base's %s tasks, over the trials' best %s: it scored at "
-                 "least %s's held-back %s in %.0f%% of resamples and above a fresh start's in %.0f%% "
-                 "(prefix.transfer_prior)", runtime.name, chosen, runtime.task.config.type, best, best, metric,
-                 100 * scores[chosen].matches_best, 100 * scores[chosen].beats_fresh)
+        log.info("transfer %s: auto took %s, a prefix of the base's %s tasks, over the best-scored %s: %s "
+                 "(prefix.transfer_prior)", runtime.name, chosen, runtime.task.config.type, best,
+                 _why_credible(scores, chosen, best, judged))
     elif rivals:
-        log.warning("transfer %s: auto's pick %s is within noise: %s scored at least its held-back %s in %s of "
-                    "resamples of the held-back examples; if you know the related base task, name its prefix "
-                    "(prefix.transfer)", runtime.name, chosen, ", ".join(rivals), metric,
+        log.warning("transfer %s: auto's pick %s is within noise: %s scored at least its %s in %s of "
+                    "resamples of the training examples; if you know the related base task, name its prefix "
+                    "(prefix.transfer)", runtime.name, chosen, ", ".join(rivals), judged,
                     ", ".join(f"{scores[n].matches_best:.0%}" for n in rivals))
-    trial = {"steps": plan.steps, "folds": fold_count(len(runtime.examples["train"]), plan.folds),
-             "criterion": plan.criterion, "metric": metric}
-    if plan.criterion == "metric":
+    trial = {"criterion": plan.criterion, "metric": metric}
+    if plan.criterion == "evidence":
+        trial.update(examples=len(runtime.examples["train"]))
+    else:
+        trial.update(steps=plan.steps, folds=fold_count(len(runtime.examples["train"]), plan.folds))
+    if plan.criterion != "loss":
         trial.update(within_noise=rivals, prior=plan.prior, same_type=list(same_type), trials_best=best)
     return TransferChoice(setting, chosen, scores, skipped, trial)
 
 
 def choose(scores: dict[str, CandidateScore], plan: TrialPlan, same_type: Sequence[str]) -> str:
-    """The trials' best candidate; with ``prior: same_type``, the best-ranked prefix of the new task's type instead
-    where the trials cannot tell it is worse than their best (it matched it in COIN_TOSS of the resamples or more) or
-    it clearly beats a fresh start (in CLEARLY of them or more). A 60-step trial tells a helpful start from a harmful
-    one, but ranks helpful sources poorly: the source of the new task's type finished best at every target-seed of
-    docs/growing.md's sweep, while the trials ranked it first at 6 of 9."""
+    """The best-scored candidate; with ``prior: same_type``, the best-ranked prefix of the new task's type instead
+    where it is credible (:func:`_credible`). The source of the new task's type finished best at every target-seed
+    of docs/growing.md's sweep, while 60-step trials ranked it first at 6 of 9 and the evidence at 10 of 11: both
+    tell a helpful start from a harmful one better than they rank close sources."""
     best = best_candidate(scores, plan.criterion)
     if plan.prior != "same_type" or best in same_type:
         return best
-    credible = [name for name in same_type if name in scores and _credible(scores[name])]
+    credible = [name for name in same_type if name in scores and _credible(scores, name)]
     return max(credible, key=lambda name: scores[name].rank(plan.criterion)) if credible else best
 
 
-def _credible(score: CandidateScore) -> bool:
-    """The trials cannot tell the candidate is worse than their best, or it clearly beats a fresh start."""
+def _credible(scores: dict[str, CandidateScore], name: str) -> bool:
+    """By the evidence (not resampled): the candidate scores above a fresh start. By a trial: the trials cannot tell
+    it is worse than their best (it matched it in COIN_TOSS of the resamples or more), or it clearly beats a fresh
+    start (in CLEARLY of them or more)."""
+    score = scores[name]
+    if score.evidence is not None:
+        return FRESH in scores and score.evidence > scores[FRESH].evidence
     return score.matches_best is not None and (
         score.matches_best >= COIN_TOSS or (score.beats_fresh is not None and score.beats_fresh >= CLEARLY))
+
+
+def _why_credible(scores: dict[str, CandidateScore], chosen: str, best: str, judged: str) -> str:
+    score = scores[chosen]
+    if score.evidence is not None:
+        return f"its evidence {score.evidence:.4f} is above a fresh start's {scores[FRESH].evidence:.4f}"
+    return (f"it scored at least {best}'s {judged} in {score.matches_best:.0%} of resamples and above a fresh "
+            f"start's in {score.beats_fresh:.0%}")
 
 
 def close_rivals(scores: dict[str, CandidateScore], best: str) -> list[str]:
