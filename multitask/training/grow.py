@@ -35,7 +35,7 @@ from multitask.prefix.config import resolve_layers
 from multitask.runtime import TaskRuntime, build_heads, prefix_requests
 from multitask.tasks.base import TaskType
 from multitask.training.prefix_transfer import (
-    TrialPlan, mean_mixing_weights, score_by_evidence, score_candidates, source_key_values, start_prefix,
+    TrialPlan, mean_mixing_weights, score_starts, source_key_values, start_prefix,
 )
 from multitask.tuning import TaskTuning
 from multitask.utils.atomic import ensure_writable
@@ -313,10 +313,7 @@ def start_new_prefixes(model: MultiTaskModel, base: BaseRun, experiment: Experim
         tuning = tunings[runtime.name]
 
         def scorer(starts, runtime=runtime, tuning=tuning):
-            if plan.criterion == "evidence":
-                return score_by_evidence(model, runtime, new_prefix_name(runtime.name), starts, device, precision,
-                                         pad_id)
-            return score_candidates(model, runtime, new_prefix_name(runtime.name), starts,
+            return score_starts(model, runtime, new_prefix_name(runtime.name), starts,
                                     (tuning.prefix_lr, tuning.head_lr), plan, tokenizer, device, precision, pad_id,
                                     experiment.seed)
 

@@ -179,6 +179,18 @@ def held_size(size: int, folds: int) -> int:
     return max(1, min(HELD_MAX, size // max(folds, 2), wanted))
 
 
+def score_starts(
+    model: MultiTaskModel, runtime, target_name: str, starts: dict[str, torch.Tensor | None],
+    learning_rates: tuple[float, float], plan: TrialPlan, tokenizer, device: torch.device, precision: str,
+    pad_id: int, seed: int,
+) -> dict[str, CandidateScore]:
+    """Each start's score as ``plan.criterion`` says: the evidence (untrained), or a trial's held-back score."""
+    if plan.criterion == "evidence":
+        return score_by_evidence(model, runtime, target_name, starts, device, precision, pad_id)
+    return score_candidates(model, runtime, target_name, starts, learning_rates, plan, tokenizer, device, precision,
+                            pad_id, seed)
+
+
 def score_candidates(
     model: MultiTaskModel, runtime, target_name: str, starts: dict[str, torch.Tensor | None],
     learning_rates: tuple[float, float], plan: TrialPlan, tokenizer, device: torch.device, precision: str,
