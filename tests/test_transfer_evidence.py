@@ -4,6 +4,7 @@ features that explain the labels, and every task type gives one row per loss ter
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -14,7 +15,9 @@ from multitask.tasks.config import TaskConfig, TaskData
 from multitask.tasks.multilabel import MultiLabelTask
 from multitask.tasks.ner import IGNORE_INDEX, NerTask
 from multitask.tasks.qa import QATask
-from multitask.training.transfer_evidence import FIXED_POINT_STEPS, TOLERANCE, Statistics, log_evidence
+from multitask.training import transfer_evidence
+from multitask.training.transfer_evidence import (FIXED_POINT_STEPS, TOLERANCE, Statistics, log_evidence,
+                                                   scored_features)
 
 
 def logme_on_rows(x: np.ndarray, y: np.ndarray) -> float:
@@ -91,3 +94,26 @@ def test_each_task_type_gives_one_row_per_loss_term_and_its_targets_as_columns()
     assert torch.equal(y, torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
     x, y = qa.evidence_rows(hidden, torch.tensor([0, 0, 5]))  # no answer: [CLS] starts and ends it
     assert torch.equal(y[0], torch.tensor([1.0, 1.0])) and y[1:].sum() == 0
+
+
+@dataclass
+class Window:
+    example_index: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def test_the_evidence_scores_a_seeded_sample_of_whole_examples_shortest_first(monkeypatch):
+    # Two windows per example (a long QA context), of lengths that do not follow the example order.
+    features = [Window(e, 5 + (7 * e + w) % 11) for e in range(30) for w in range(2)]
+    assert scored_features(features, seed=3) == sorted(features, key=len)  # fewer than the cap: every example
+    monkeypatch.setattr(transfer_evidence, "MAX_EXAMPLES", 10)
+    scored = scored_features(features, seed=3)
+    kept = {f.example_index for f in scored}
+    assert len(kept) == 10 and len(scored) == 20  # both windows of every sampled example
+    assert [len(f) for f in scored] == sorted(len(f) for f in scored)
+    assert scored == scored_features(features, seed=3) and kept != {f.example_index for f in scored_features(
+        features, seed=4)}
+    assert transfer_evidence.scored_examples(30) == 10 and transfer_evidence.scored_examples(6) == 6

@@ -29,7 +29,7 @@ from multitask.prefix.adapt import adapt_key_values
 from multitask.prefix.encoder import PrefixEncoder
 from multitask.prefix.mixture import input_summary
 from multitask.tasks.base import featurize_examples
-from multitask.training.transfer_evidence import evidence_of
+from multitask.training.transfer_evidence import evidence_of, scored_examples
 from multitask.training.trial_noise import HeldBackPredictions, resampled_metrics, share_above, share_at_least
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def score_starts(
 ) -> dict[str, CandidateScore]:
     """Each start's score as ``plan.criterion`` says: the evidence (untrained), or a trial's held-back score."""
     if plan.criterion == "evidence":
-        return score_by_evidence(model, runtime, target_name, starts, device, precision, pad_id)
+        return score_by_evidence(model, runtime, target_name, starts, device, precision, pad_id, seed)
     return score_candidates(model, runtime, target_name, starts, learning_rates, plan, tokenizer, device, precision,
                             pad_id, seed)
 
@@ -267,9 +267,9 @@ def with_noise(scores: dict[str, CandidateScore], held: list[HeldBackPredictions
 
 
 def score_by_evidence(model: MultiTaskModel, runtime, target_name: str, starts: dict[str, torch.Tensor | None],
-                      device: torch.device, precision: str, pad_id: int) -> dict[str, CandidateScore]:
+                      device: torch.device, precision: str, pad_id: int, seed: int) -> dict[str, CandidateScore]:
     """Each start's evidence on the training examples (no training: :mod:`transfer_evidence`)."""
-    evidence = evidence_of(model, runtime, target_name, starts, device, precision, pad_id)
+    evidence = evidence_of(model, runtime, target_name, starts, device, precision, pad_id, seed)
     scores = {name: CandidateScore(metric=None, loss=math.nan, evidence=value) for name, value in evidence.items()}
     for name, score in scores.items():
         log.info("transfer %s: candidate %s: %s", runtime.name, name, _words(score, runtime.task.main_metric()))
@@ -421,7 +421,7 @@ def start_prefix(
                     ", ".join(f"{scores[n].matches_best:.0%}" for n in rivals))
     trial = {"criterion": plan.criterion, "metric": metric}
     if plan.criterion == "evidence":
-        trial.update(examples=len(runtime.examples["train"]))
+        trial.update(examples=scored_examples(len(runtime.examples["train"])))
     else:
         trial.update(steps=plan.steps, folds=fold_count(len(runtime.examples["train"]), plan.folds))
     if plan.criterion != "loss":
