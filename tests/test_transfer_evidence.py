@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from multitask.errors import ConfigError
 from multitask.tasks.classification import ClassificationTask
 from multitask.tasks.config import TaskConfig, TaskData
 from multitask.tasks.multilabel import MultiLabelTask
@@ -117,3 +119,19 @@ def test_the_evidence_scores_a_seeded_sample_of_whole_examples_shortest_first(mo
     assert scored == scored_features(features, seed=3) and kept != {f.example_index for f in scored_features(
         features, seed=4)}
     assert transfer_evidence.scored_examples(30) == 10 and transfer_evidence.scored_examples(6) == 6
+
+
+@dataclass
+class LabelledWindow(Window):
+    target: list | None = None
+
+
+def test_training_examples_without_any_label_are_refused_in_one_line(monkeypatch):
+    """Multi-label examples that all have no label leave nothing to score by."""
+    runtime = SimpleNamespace(name="tags", features={"train": [LabelledWindow(0, 3, target=[0.0, 0.0])]})
+    prefix = torch.nn.Linear(1, 1)
+    model = SimpleNamespace(prefix_bank=SimpleNamespace(encoders={"task_tags": prefix}), task_id=lambda name: 0)
+    monkeypatch.setattr(transfer_evidence, "feature_statistics",
+                        lambda *args: summed(np.ones((1, 3)), np.zeros((1, 2)), parts=1))
+    with pytest.raises(ConfigError, match="^task tags: prefix.transfer: auto: no training example has a label"):
+        transfer_evidence.evidence_of(model, runtime, "task_tags", {"none": None}, "cpu", "fp32", 0, seed=1)

@@ -146,5 +146,9 @@ def evidence_of(model, runtime, target_name: str, starts: dict[str, torch.Tensor
     finally:
         prefix.load_state_dict(saved)
     # Labels absent from the training examples (every target 0) say nothing about a candidate.
-    columns = [int(c) for c in np.flatnonzero(next(iter(statistics.values())).target_squares > 0)]
+    first = next(iter(statistics.values()))
+    columns = [int(c) for c in np.flatnonzero(first.target_squares > 0)] if first is not None else []
+    if not columns:
+        raise ConfigError(f"task {runtime.name}: prefix.transfer: auto: no training example has a label to score "
+                          f"the candidates by; name the source prefix, or set prefix.transfer_criterion: metric")
     return {name: log_evidence(stats, columns) for name, stats in statistics.items()}
