@@ -148,8 +148,8 @@ class PrefixBankConfig:
     )
     transfer_folds: int | None = field(
         default=None,
-        metadata={"help": "transfer: auto with transfer_criterion metric or loss: how many disjoint held-back slices of the training examples score each "
-                  "candidate; its score is the mean over them. Each slice is 20% of the examples or enough for the "
+        metadata={"help": "transfer: auto with transfer_criterion metric or loss: how many disjoint held-back slices "
+                  "of the training examples score each candidate; its score is the mean over them. Each slice is 20% of the examples or enough for the "
                   "slices to hold back 100 in all, at most half of them and 256; each costs transfer_steps steps "
                   "per candidate. Unset: 2 folds below 500 examples (two of 50 for 100 examples: one slice of 20 "
                   "is too noisy a judge), 1 from 500."},
@@ -167,10 +167,11 @@ class PrefixBankConfig:
         metadata={"help": "transfer: auto with transfer_criterion evidence or metric: what the scores are weighed "
                   "against. "
                   "same_type: a base prefix that serves only tasks of the new task's type (CoNLL-2003's for a new "
-                  "ner task) is taken over the best-scored candidate when the score cannot tell it is worse (it "
-                  "matched the best in 20% or more of the paired resamples) or it clearly beats a fresh start (in "
-                  "80% or more): a helpful start is told from a harmful one well, close sources less so "
-                  "(docs/growing.md). none: the best-scored candidate alone."},
+                  "ner task) is taken over the best-scored candidate when it is credible: by the evidence, it scores "
+                  "above a fresh start; by trials, they cannot tell it is worse (it matched the best in 20% or more "
+                  "of the paired resamples) or it clearly beats a fresh start (in 80% or more). Both scores tell a "
+                  "helpful start from a harmful one better than they rank close sources (docs/growing.md). none: "
+                  "the best-scored candidate alone."},
     )
 
     def __post_init__(self) -> None:

@@ -314,8 +314,8 @@ def start_new_prefixes(model: MultiTaskModel, base: BaseRun, experiment: Experim
 
         def scorer(starts, runtime=runtime, tuning=tuning):
             return score_starts(model, runtime, new_prefix_name(runtime.name), starts,
-                                    (tuning.prefix_lr, tuning.head_lr), plan, tokenizer, device, precision, pad_id,
-                                    experiment.seed)
+                                (tuning.prefix_lr, tuning.head_lr), plan, tokenizer, device, precision, pad_id,
+                                experiment.seed)
 
         choice = start_prefix(model, runtime, new_prefix_name(runtime.name), setting, base.prefix_names, plan, scorer,
                               base.prefixes_of_type(runtime.task.config.type))

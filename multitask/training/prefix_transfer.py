@@ -7,9 +7,9 @@ estimate of the finished run. By default (``transfer_criterion: evidence``) with
 on the features the candidate gives could explain the labels (:mod:`transfer_evidence`, LogME). Or by a trial, as SPoT
 (Vu et al., 2022) chose source prompts: the new prefix and head train for a few steps on most of the examples and are
 scored on the rest, by the task's main metric (ties broken by loss) or by loss alone; with little data one held-back
-slice is a noisy judge, so ``transfer_folds`` scores on several disjoint slices and averages. Either score is
-bootstrapped, and by default a base prefix of the new task's own type wins where the score cannot tell it apart
-from the best (:func:`choose`).
+slice is a noisy judge, so ``transfer_folds`` scores on several disjoint slices and averages, and the held-back
+examples are bootstrapped. By default a base prefix of the new task's own type wins where it is credible
+(:func:`choose`).
 """
 
 from __future__ import annotations
@@ -83,10 +83,11 @@ class CandidateScore:
         return (-self.loss,)
 
     def describe(self) -> dict[str, float]:
-        loss = round(self.loss, 6) if math.isfinite(self.loss) else None  # no held-back loss terms
-        described = {"loss": loss, **({"metric": round(self.metric, 6)} if self.metric is not None else {})}
         if self.evidence is not None:
             described = {"evidence": round(self.evidence, 6)}
+        else:
+            loss = round(self.loss, 6) if math.isfinite(self.loss) else None  # no held-back loss terms
+            described = {"loss": loss, **({"metric": round(self.metric, 6)} if self.metric is not None else {})}
         shares = {"matches_best": self.matches_best, "beats_fresh": self.beats_fresh}
         return described | {key: round(value, 3) for key, value in shares.items() if value is not None}
 

@@ -115,8 +115,9 @@ def feature_statistics(model, runtime, features: list, task_id: int, device, pre
             captured.clear()
             with autocast(device, precision):
                 model(ModelInputs.of_task(batch, task_id).to(device))
-            rows = [runtime.task.evidence_rows(inputs.float().cpu(), target)
-                    for inputs, target in zip(captured[0], batch.targets)]
+            # One copy of the batch's head inputs to the host, not one per example.
+            rows = [runtime.task.evidence_rows(inputs, target)
+                    for inputs, target in zip(captured[0].float().cpu(), batch.targets)]
             x = torch.cat([x for x, _ in rows]).double().numpy()
             y = torch.cat([y for _, y in rows]).double().numpy()
             stats = stats or Statistics.empty(x.shape[1], y.shape[1])
