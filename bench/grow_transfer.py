@@ -9,6 +9,9 @@ should find (the source auto picked is not trained twice: auto's run is that run
 
     python bench/grow_transfer.py --base runs/demo --targets wnut17,bc5cdr,trec_coarse --sizes 100 --seeds 13
 
+--set key.path=value changes every run's experiment (e.g. optimization.ema_decay=0.98); prefix:key=value,
+lora:key=value or full_ft:key=value only that method's runs (prefix: scratch, auto, mixture, alone and the sweep).
+
 Writes grow_transfer.json and grow_transfer.md (mean and spread per cell) under --output.
 """
 
@@ -23,6 +26,8 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from multitask.config.overrides import apply_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 # Each method: (method, prefix.transfer); a transfer of None trains without the base. scratch grows the base with a
@@ -46,7 +51,21 @@ def experiment(args, target: str, size: int, seed: int, method: str, transfer: s
     if transfer is not None:
         config["base"] = str(Path(args.base).resolve())
         config["prefix"] = {"transfer": transfer}
-    return config
+    return apply_overrides(config, method_settings(args.set, method), source=f"--set ({method})")
+
+
+def method_settings(settings: list[str], method: str) -> list[str]:
+    """The --set values for one method: unprefixed ones apply to all, ``method:key=value`` to that method only."""
+    chosen = []
+    for item in settings:
+        target, colon, rest = item.partition(":")
+        if colon and "=" not in target:
+            if target in {"prefix", "lora", "full_ft"}:
+                chosen += [rest] if target == method else []
+                continue
+            raise SystemExit(f"--set {item!r}: expected prefix:, lora: or full_ft: before the key, got {target!r}")
+        chosen.append(item)
+    return chosen
 
 
 def train(config: dict, run_dir: Path) -> dict:
@@ -105,6 +124,8 @@ def main() -> None:
     parser.add_argument("--limit-eval", type=int, default=1000)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--output", default="runs/grow-transfer")
+    parser.add_argument("--set", action="append", default=[], metavar="[METHOD:]KEY=VALUE",
+                        help="an experiment override for every run, or (prefix:, lora:, full_ft:) one method's runs")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     output = Path(args.output)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("grow_transfer", REPO / "bench" / "grow_transfer.py")
@@ -39,3 +42,19 @@ def test_the_sweep_table_names_the_best_start_and_auto_s_gap_to_it():
     line = grow_transfer.sweep_table(prior, methods).strip().splitlines()[-1]
     assert line.endswith("| from task_sst2 | task_sst2 (70.0) | +0.0 | none | task_sst2 |")
     assert grow_transfer.sweep_table(rows, ["scratch", "auto"]) == ""
+
+
+def test_set_changes_every_run_or_only_the_named_method_s():
+    args = argparse.Namespace(limit_eval=500, batch_size=32, steps=400, every=50, precision="auto", base="runs/base",
+                              set=["optimization.ema_decay=0.98", "prefix:optimization.head_lr=1.0e-3",
+                                   "full_ft:optimization.encoder_lr=5.0e-5"])
+    prefix = grow_transfer.experiment(args, "bc5cdr", 100, 13, "prefix", "auto")
+    full_ft = grow_transfer.experiment(args, "bc5cdr", 100, 13, "full_ft", None)
+    assert prefix["optimization"] == {"max_steps": 400, "ema_decay": 0.98, "head_lr": 1.0e-3}
+    assert prefix["prefix"] == {"transfer": "auto"}
+    assert full_ft["optimization"] == {"max_steps": 400, "ema_decay": 0.98, "encoder_lr": 5.0e-5}
+
+
+def test_set_with_an_unknown_method_is_refused_in_one_line():
+    with pytest.raises(SystemExit, match="expected prefix:, lora: or full_ft:"):
+        grow_transfer.method_settings(["lroa:optimization.lora_lr=1e-3"], "lora")
