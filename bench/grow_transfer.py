@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from multitask.config.overrides import apply_overrides
+from multitask.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 # Each method: (method, prefix.transfer); a transfer of None trains without the base. scratch grows the base with a
@@ -51,7 +52,10 @@ def experiment(args, target: str, size: int, seed: int, method: str, transfer: s
     if transfer is not None:
         config["base"] = str(Path(args.base).resolve())
         config["prefix"] = {"transfer": transfer}
-    return apply_overrides(config, method_settings(args.set, method), source=f"--set ({method})")
+    try:
+        return apply_overrides(config, method_settings(args.set, method), source=f"--set ({method})")
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
 
 
 def method_settings(settings: list[str], method: str) -> list[str]:
@@ -69,7 +73,11 @@ def method_settings(settings: list[str], method: str) -> list[str]:
 
 
 def train(config: dict, run_dir: Path) -> dict:
-    """Train in a fresh process (skipped when the run already finished); its report.json."""
+    """Train in a fresh process (skipped when the run already finished); its report.json. A finished run of other
+    settings (another --set, --steps, ...) is refused rather than reported as this one."""
+    written = run_dir / "experiment.yaml"
+    if written.exists() and yaml.safe_load(written.read_text()) != config:
+        raise SystemExit(f"{written}: a run of other settings is already there; use another --output")
     if not (run_dir / "report.json").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "experiment.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("grow_transfer", REPO / "bench" / "grow_transfer.py")
@@ -58,3 +59,18 @@ def test_set_changes_every_run_or_only_the_named_method_s():
 def test_set_with_an_unknown_method_is_refused_in_one_line():
     with pytest.raises(SystemExit, match="expected prefix:, lora: or full_ft:"):
         grow_transfer.method_settings(["lroa:optimization.lora_lr=1e-3"], "lora")
+
+
+def test_a_finished_run_of_other_settings_is_refused_not_reported(tmp_path):
+    (tmp_path / "experiment.yaml").write_text(yaml.safe_dump({"optimization": {"max_steps": 400}}))
+    (tmp_path / "report.json").write_text("{}")
+    assert grow_transfer.train({"optimization": {"max_steps": 400}}, tmp_path) == {}
+    with pytest.raises(SystemExit, match="a run of other settings is already there"):
+        grow_transfer.train({"optimization": {"max_steps": 400, "ema_decay": 0.98}}, tmp_path)
+
+
+def test_a_bad_override_is_refused_in_one_line():
+    args = argparse.Namespace(limit_eval=500, batch_size=32, steps=400, every=50, precision="auto", base="runs/base",
+                              set=["optimization.max_steps.deeper=1"])
+    with pytest.raises(SystemExit, match="cannot set a key inside 'optimization.max_steps'"):
+        grow_transfer.experiment(args, "bc5cdr", 100, 13, "prefix", "auto")
