@@ -149,7 +149,8 @@ class PrefixBankConfig:
     transfer_folds: int | None = field(
         default=None,
         metadata={"help": "transfer: auto with transfer_criterion metric or loss: how many disjoint held-back slices "
-                  "of the training examples score each candidate; its score is the mean over them. Each slice is 20% of the examples or enough for the "
+                  "of the training examples score each candidate; its score is the mean over them. Each slice is "
+                  "20% of the examples or enough for the "
                   "slices to hold back 100 in all, at most half of them and 256; each costs transfer_steps steps "
                   "per candidate. Unset: 2 folds below 500 examples (two of 50 for 100 examples: one slice of 20 "
                   "is too noisy a judge), 1 from 500."},
